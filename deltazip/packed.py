@@ -1,0 +1,142 @@
+"""The in-memory packed form of one linear layer's delta, shared by compression, kernels and converters.
+
+A delta Δ of dense shape [N, K] (out_features, in_features) is stored as:
+
+* ``qweight`` int32 [N, ceil(C / VPW)]: C codes per row, VPW = 32 // bits codes per word, the first code
+  in the lowest bits. C = K // 2 when 2:4-sparse (only kept values, never zero codes), else C = K.
+* ``meta`` int32 [N, K // 32] (2:4 only): for kept value j, its 2-bit position inside dense group j // 2,
+  16 positions per word, lowest bits first. The two kept positions of a group are ascending.
+* ``scales``, ``zeros`` fp16 [N, K // group_size]: w = (q − z) · s, group of dense column k = k // group_size.
+
+Dense column of kept value j: (j // 2) * 4 + position[j]. K must be a multiple of 32 when 2:4-sparse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PACKED_KEYS = ("qweight", "meta", "scales", "zeros")
+
+
+def codes_per_word(bits: int) -> int:
+    """How many `bits`-wide codes one int32 word holds (3-bit: 10, leaving 2 bits unused)."""
+    return 32 // bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes [..., C] in [0, 2**bits) → int32 words [..., ceil(C / VPW)], lowest bits first."""
+    vpw = codes_per_word(bits)
+    *lead, c = codes.shape
+    n_words = -(-c // vpw)
+    padded = torch.zeros(*lead, n_words * vpw, dtype=torch.int64, device=codes.device)
+    padded[..., :c] = codes.to(torch.int64)
+    shifts = torch.arange(vpw, dtype=torch.int64, device=codes.device) * bits
+    words = (padded.reshape(*lead, n_words, vpw) << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
+    return words.to(torch.int32)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of pack_codes: int32 words [..., W] → int64 codes [..., count]."""
+    vpw = codes_per_word(bits)
+    shifts = torch.arange(vpw, dtype=torch.int64, device=words.device) * bits
+    unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    codes = (unsigned.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*words.shape[:-1], -1)[..., :count]
+
+
+def kept_dense_columns(positions: torch.Tensor) -> torch.Tensor:
+    """2:4 positions [N, K/2] (0..3) → the dense column index of each kept value [N, K/2]."""
+    j = torch.arange(positions.shape[-1], device=positions.device)
+    return (j // 2 * 4) + positions.to(torch.int64)
+
+
+@dataclass
+class PackedLinear:
+    """One linear layer's delta: low-bit codes, optional 2:4 structure, fp16 scales and zeros."""
+
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int
+    sparse24: bool
+    qweight: torch.Tensor  # int32 [N, ceil(C / VPW)]
+    meta: torch.Tensor | None  # int32 [N, K / 32], 2:4 only
+    scales: torch.Tensor  # fp16 [N, K / group_size]
+    zeros: torch.Tensor  # fp16 [N, K / group_size]
+
+    def __post_init__(self) -> None:
+        n, k = self.out_features, self.in_features
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, not {self.bits}")
+        if k % self.group_size:
+            raise ValueError(f"group_size {self.group_size} does not divide in_features {k}")
+        if self.sparse24 and (k % 32 or self.meta is None):
+            raise ValueError(f"2:4 deltas need in_features % 32 == 0 and metadata (in_features={k})")
+        words = -(-self.n_codes // codes_per_word(self.bits))
+        expect = {"qweight": (n, words), "scales": (n, k // self.group_size), "zeros": (n, k // self.group_size)}
+        if self.sparse24:
+            expect["meta"] = (n, k // 32)
+        for name, shape in expect.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise ValueError(f"{name} has shape {got}, expected {shape}")
+
+    @property
+    def n_codes(self) -> int:
+        """Codes stored per row: K/2 for 2:4, else K."""
+        return self.in_features // 2 if self.sparse24 else self.in_features
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of the packed form."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The packed tensors by key (meta only when 2:4)."""
+        out = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
+        if self.meta is not None:
+            out["meta"] = self.meta
+        return out
+
+    def to(self, device: torch.device | str) -> PackedLinear:
+        moved = {k: v.to(device) for k, v in self.tensors().items()}
+        return PackedLinear(self.out_features, self.in_features, self.bits, self.group_size, self.sparse24,
+                            moved["qweight"], moved.get("meta"), moved["scales"], moved["zeros"])
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes [N, C] (int64)."""
+        return unpack_codes(self.qweight, self.bits, self.n_codes)
+
+    def positions(self) -> torch.Tensor:
+        """2:4 positions [N, K/2] (int64, 0..3) of the kept values."""
+        if self.meta is None:
+            raise ValueError("a dense delta has no 2:4 positions")
+        return unpack_codes(self.meta, 2, self.in_features // 2)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense delta [N, K]: the reference semantics every kernel must match."""
+        n, k = self.out_features, self.in_features
+        codes = self.codes().to(torch.float32)
+        if self.sparse24:
+            cols = kept_dense_columns(self.positions())
+        else:
+            cols = torch.arange(k, device=codes.device).expand(n, k)
+        groups = cols // self.group_size
+        values = (codes - self.zeros.float().gather(1, groups)) * self.scales.float().gather(1, groups)
+        dense = torch.zeros(n, k, dtype=torch.float32, device=codes.device).scatter_(1, cols, values)
+        return dense.to(dtype)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                   group_size: int, positions: torch.Tensor | None = None,
+                   in_features: int | None = None) -> PackedLinear:
+        """Pack codes [N, C] (and 2:4 positions [N, K/2] when sparse) into a PackedLinear."""
+        n = codes.shape[0]
+        sparse = positions is not None
+        k = in_features or (codes.shape[1] * 2 if sparse else codes.shape[1])
+        meta = pack_codes(positions, 2) if sparse else None
+        return cls(n, k, bits, group_size, sparse, pack_codes(codes, bits), meta,
+                   scales.to(torch.float16).contiguous(), zeros.to(torch.float16).contiguous())

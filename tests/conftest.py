@@ -1,0 +1,52 @@
+"""Session-wide fixtures: the tiny family and its compressed deltas, built once and cached on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# The Triton interpreter must be chosen before any module defining @triton.jit kernels is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("DELTAZIP_TEST_CACHE", REPO / ".deltazip" / "test-cache"))
+
+# The deltas the runtime and serving tests share (a subset keeps the suite fast).
+SHARED_DELTA_TASKS = ("reverse", "sort", "upper")
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return CACHE
+
+
+@pytest.fixture(scope="session")
+def tiny_family(cache_dir: Path):
+    """The tiny preset family (seed 0); reused across runs by content hash."""
+    from deltazip.family import create_family
+
+    return create_family(cache_dir / "family-tiny-s0", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_deltas(tiny_family, cache_dir: Path) -> dict[str, Path]:
+    """Default-setting (2-bit 2:4) artifacts of a few fine-tunes, keyed by task; in one store directory."""
+    from deltazip.compress import compress_model
+    from deltazip.config import CompressConfig
+
+    store = cache_dir / "deltas-tiny-s0"
+    store.mkdir(exist_ok=True)
+    settings = CompressConfig()
+    out = {}
+    for task in SHARED_DELTA_TASKS:
+        path = store / f"{task}.dz"
+        if not (path / "manifest.json").is_file():
+            compress_model(tiny_family.base_dir, tiny_family.finetune_dirs[task], path, settings,
+                           name=task, calib=tiny_family.calib_path)
+        out[task] = path
+    return out
