@@ -16,6 +16,15 @@ from deltazip.ui import set_verbosity
 # and one subsystem's import cost is paid only by its own commands.
 COMMANDS: dict[str, str] = {
     "family": "deltazip.commands.family:family",
+    "compress": "deltazip.commands.compress:compress",
+    "inspect": "deltazip.commands.inspect:inspect",
+    "eval": "deltazip.commands.eval:eval_cmd",
+    "convert": "deltazip.commands.convert:convert",
+    "generate": "deltazip.commands.generate:generate",
+    "build": "deltazip.commands.build:build",
+    "serve": "deltazip.commands.serve:serve",
+    "client": "deltazip.commands.client:client",
+    "demo": "deltazip.commands.demo:demo",
 }
 
 

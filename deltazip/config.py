@@ -125,7 +125,9 @@ class Config:
         if p.is_dir():
             return p
         known = ", ".join(sorted(self.bases)) or "none"
-        raise ConfigError(f"'{name_or_dir}' is neither a model directory nor a base in [bases] (known: {known})")
+        raise ConfigError(
+            f"'{name_or_dir}' is neither a model directory nor a base in [bases] (known: {known})"
+        )
 
 
 _SECTIONS = {

@@ -13,8 +13,11 @@ Dense column of kept value j: (j // 2) * 4 + position[j]. K must be a multiple o
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 PACKED_KEYS = ("qweight", "meta", "scales", "zeros")
@@ -27,6 +30,75 @@ def codes_per_word(bits: int) -> int:
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes [..., C] in [0, 2**bits) → int32 words [..., ceil(C / VPW)], lowest bits first."""
+    if codes.device.type != "cpu":
+        return _pack_codes_torch(codes, bits)
+    *lead, c = codes.shape
+    words = pack_codes_np(codes.detach().reshape(math.prod(lead), c).numpy(), bits)
+    return torch.from_numpy(words).reshape(*lead, words.shape[-1])
+
+
+def unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of pack_codes: int32 words [..., W] → int64 codes [..., count]."""
+    if words.device.type != "cpu":
+        return _unpack_codes_torch(words, bits, count)
+    *lead, w = words.shape
+    codes = unpack_codes_np(words.detach().contiguous().reshape(math.prod(lead), w).numpy(), bits, count)
+    return torch.from_numpy(codes.astype(np.int64)).reshape(*lead, count)
+
+
+def pack_codes_np(codes: np.ndarray, bits: int) -> np.ndarray:
+    """numpy codes [R, C] (any integer dtype, values < 2**bits) → int32 words [R, ceil(C / VPW)]."""
+    vpw = codes_per_word(bits)
+    rows, c = codes.shape
+    n_words = -(-c // vpw)
+    if 8 % bits == 0:  # whole codes per byte: build bytes in uint8, then read 4 bytes as one word
+        per = 8 // bits
+        grid = np.zeros((rows, n_words * vpw), dtype=np.uint8)
+        grid[:, :c] = codes
+        grid = grid.reshape(rows, n_words * 4, per)
+        packed = grid[..., 0].copy()
+        for i in range(1, per):
+            packed |= grid[..., i] << np.uint8(i * bits)
+        return packed.view("<i4").astype(np.int32, copy=False).reshape(rows, n_words)
+    grid = np.zeros((rows, n_words * vpw), dtype=np.uint32)
+    grid[:, :c] = codes
+    grid = grid.reshape(rows, n_words, vpw)
+    words = grid[..., 0].copy()
+    for i in range(1, vpw):
+        words |= grid[..., i] << np.uint32(i * bits)
+    return words.view(np.int32)
+
+
+def unpack_codes_np(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of pack_codes_np: int32 words [R, W] → uint8 codes [R, count]."""
+    rows, w = words.shape
+    if 8 % bits == 0:
+        per = 8 // bits
+        stream = np.ascontiguousarray(words).astype("<i4", copy=False).view(np.uint8)
+        codes = _byte_lut(bits, per)[stream].view(np.uint8).reshape(rows, w * 4 * per)
+    else:
+        shifts = np.arange(codes_per_word(bits), dtype=np.uint32) * np.uint32(bits)
+        codes = ((words.view(np.uint32)[..., None] >> shifts) & np.uint32((1 << bits) - 1)).astype(np.uint8)
+        codes = codes.reshape(rows, w * codes_per_word(bits))
+    if count > codes.shape[1]:
+        raise ValueError(f"{w} words hold fewer than {count} {bits}-bit codes")
+    return codes[:, :count]
+
+
+@functools.cache
+def _byte_lut(bits: int, per: int) -> np.ndarray:
+    """[256] of `per`-byte items: byte b → its `per` codes of `bits` bits, one per byte, lowest bits first.
+
+    One gather of `per`-byte items is much faster than gathering rows of a [256, per] uint8 table.
+    """
+    byte = np.arange(256, dtype=np.uint8)[:, None]
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    table = ((byte >> shifts) & np.uint8((1 << bits) - 1)).astype(np.uint8)
+    return np.ascontiguousarray(table).view(f"<u{per}").reshape(256)
+
+
+def _pack_codes_torch(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_codes on a non-CPU device (plain torch int64 math)."""
     vpw = codes_per_word(bits)
     *lead, c = codes.shape
     n_words = -(-c // vpw)
@@ -38,8 +110,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.to(torch.int32)
 
 
-def unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of pack_codes: int32 words [..., W] → int64 codes [..., count]."""
+def _unpack_codes_torch(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """unpack_codes on a non-CPU device (plain torch int64 math)."""
     vpw = codes_per_word(bits)
     shifts = torch.arange(vpw, dtype=torch.int64, device=words.device) * bits
     unsigned = words.to(torch.int64) & 0xFFFFFFFF
@@ -76,7 +148,8 @@ class PackedLinear:
         if self.sparse24 and (k % 32 or self.meta is None):
             raise ValueError(f"2:4 deltas need in_features % 32 == 0 and metadata (in_features={k})")
         words = -(-self.n_codes // codes_per_word(self.bits))
-        expect = {"qweight": (n, words), "scales": (n, k // self.group_size), "zeros": (n, k // self.group_size)}
+        n_groups = k // self.group_size
+        expect = {"qweight": (n, words), "scales": (n, n_groups), "zeros": (n, n_groups)}
         if self.sparse24:
             expect["meta"] = (n, k // 32)
         for name, shape in expect.items():

@@ -39,14 +39,32 @@ def tiny_deltas(tiny_family, cache_dir: Path) -> dict[str, Path]:
     from deltazip.compress import compress_model
     from deltazip.config import CompressConfig
 
-    store = cache_dir / "deltas-tiny-s0"
+    store = cache_dir / f"deltas-tiny-s0-{tiny_family.content_hash[:12]}"  # a rebuilt family gets new deltas
     store.mkdir(exist_ok=True)
     settings = CompressConfig()
     out = {}
     for task in SHARED_DELTA_TASKS:
         path = store / f"{task}.dz"
-        if not (path / "manifest.json").is_file():
+        if not _usable_artifact(path, tiny_family.base_dir):
             compress_model(tiny_family.base_dir, tiny_family.finetune_dirs[task], path, settings,
                            name=task, calib=tiny_family.calib_path)
         out[task] = path
     return out
+
+
+def _usable_artifact(path: Path, base_dir: Path) -> bool:
+    """A cached artifact is reused only if it loads (current format) and matches the current base."""
+    import shutil
+
+    from deltazip.artifact import fingerprint_model, load_delta
+    from deltazip.errors import DeltazipError
+
+    if not (path / "manifest.json").is_file():
+        return False
+    try:
+        ok = load_delta(path).base_fingerprint == fingerprint_model(base_dir)
+    except (DeltazipError, KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        shutil.rmtree(path)
+    return ok

@@ -1,0 +1,41 @@
+"""`deltazip build`: validate deltas against the base and render the Triton model repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from deltazip.cli import get_config
+
+
+@click.command()
+@click.option("--base", default=None, help="Base model: a name from [bases] or an HF model directory.")
+@click.option("--deltas", "deltas_dir", default=None, type=click.Path(file_okay=False),
+              help="Directory of NAME.dz/ delta artifacts (default: [build].deltas).")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Build directory ([build].out).")
+@click.option("--backend", type=click.Choice(["torch", "trtllm"]), default=None,
+              help="Execution backend ([build].backend); trtllm needs TensorRT-LLM (GPU).")
+@click.pass_context
+def build(ctx: click.Context, base: str | None, deltas_dir: str | None, out: str | None,
+          backend: str | None) -> None:
+    """Check every delta against the base fingerprint, then write OUT/triton_repo and OUT/build.json."""
+    from deltazip.builder.build import build as run_build
+    from deltazip.ui import console, print_table
+
+    config = get_config(ctx)
+    backend = backend or config.build.backend
+    if backend == "trtllm":  # fail before loading anything
+        run_build(Path("."), Path("."), Path("."), config.runtime, backend="trtllm")
+    base_name = base or config.build.base
+    base_dir = config.resolve_model(base_name)
+    deltas = Path(deltas_dir) if deltas_dir else config.path(config.build.deltas)
+    out_dir = Path(out) if out else config.path(config.build.out)
+    console.print(f"validating deltas in {deltas} against {base_dir} …")
+    manifest = run_build(base_dir, deltas, out_dir, config.runtime, backend=backend, base_name=base_name,
+                         tp=config.build.tp, on_delta=lambda name: console.print(f"  ok  {name}"))
+    rows = [(d["name"], d["manifest_sha256"][:12], d["base_fingerprint"].removeprefix("sha256:")[:12])
+            for d in manifest["deltas"]]
+    print_table(f"build {out_dir.resolve()}", ["delta", "manifest sha256", "base fingerprint"], rows)
+    console.print(f"model repository: {out_dir.resolve() / 'triton_repo'} ({manifest['settings']['kind']}); "
+                  f"serve it with `deltazip serve {out_dir}`")

@@ -1,0 +1,58 @@
+"""`deltazip compress`: base + full fine-tune → NAME.dz/ delta artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from deltazip.cli import get_config
+from deltazip.errors import DeltazipError
+
+
+@click.command()
+@click.option("--base", "base", required=True, help="Base model: HF model directory or a name from [bases].")
+@click.option("--target", "target", required=True, help="Fine-tuned model: HF model directory or a name.")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Artifact directory to write (default: [store].deltas/NAME.dz).")
+@click.option("--name", default=None, help="Delta name (default: the target directory's name).")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8", "16"]), default=None,
+              help="Bits per kept value; 16 with --sparsity none is lossless.")
+@click.option("--sparsity", default=None, help="2:4 | none | a fraction such as 0.5.")
+@click.option("--group-size", type=int, default=None, help="-1 (one scale per row), 64 or 128.")
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help="Calibration JSONL ({\"text\": ...} lines); default: the family's calib.jsonl.")
+@click.option("--n-samples", type=int, default=None, help="Calibration sequences.")
+@click.option("--seq-len", type=int, default=None, help="Tokens per calibration sequence.")
+@click.option("--damp", type=float, default=None, help="Hessian damping, fraction of mean diag(H).")
+@click.option("--block-size", type=int, default=None, help="Columns per OBS block.")
+@click.option("--lossless", type=click.Choice(["zstd", "none"]), default=None, help="Lossless stage.")
+@click.option("--force", is_flag=True, help="Replace an existing artifact.")
+@click.pass_context
+def compress(ctx: click.Context, base: str, target: str, out: str | None, name: str | None, bits: str | None,
+             sparsity: str | None, group_size: int | None, calib: str | None, n_samples: int | None,
+             seq_len: int | None, damp: float | None, block_size: int | None, lossless: str | None,
+             force: bool) -> None:
+    """Compress the delta between a fine-tune and its base into an artifact."""
+    from deltazip.artifact import read_manifest
+    from deltazip.compress import compress_model
+    from deltazip.ui import print_table
+
+    config = get_config(ctx)
+    base_dir, target_dir = config.resolve_model(base), config.resolve_model(target)
+    flags = {"bits": int(bits) if bits else None, "sparsity": sparsity, "group_size": group_size,
+             "n_samples": n_samples, "seq_len": seq_len, "damp": damp, "block_size": block_size,
+             "lossless": lossless}
+    try:
+        settings = dataclasses.replace(config.compress, **{k: v for k, v in flags.items() if v is not None})
+    except ValueError as e:
+        raise DeltazipError(str(e)) from None
+    calib_path = calib or (str(config.path(settings.calib)) if settings.calib else None)
+    name = name or target_dir.name
+    out_dir = Path(out) if out else config.path(config.store.deltas) / f"{name}.dz"
+    compress_model(base_dir, target_dir, out_dir, settings, name=name, calib=calib_path, overwrite=force)
+    stats = read_manifest(out_dir)["stats"]
+    print_table(f"{out_dir}", ["ratio vs fp16", "bits/weight", "lossless gain", "bytes", "seconds"],
+                [[f"{stats['ratio']:.2f}x", stats["bits_per_weight"], stats["lossless_gain"],
+                  stats["artifact_bytes"], stats["compress_seconds"]]])

@@ -1,0 +1,47 @@
+"""`deltazip inspect ART`: per-tensor codec, bits per weight, bytes and ratio of a delta artifact."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--verify/--no-verify", default=True, help="Check the files' sha256 against the manifest.")
+def inspect(artifact: str, verify: bool) -> None:
+    """Show what a delta artifact holds."""
+    from pathlib import Path
+
+    from deltazip.artifact import read_manifest, verify_files
+    from deltazip.ui import console, print_table
+
+    path = Path(artifact)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    rows = []
+    for name, entry in manifest["tensors"].items():
+        numel = math.prod(entry["shape"])
+        stored = sum(stored_bytes for _, _, stored_bytes in entry["streams"])
+        codec = entry["codec"]
+        if entry["kind"] == "linear":
+            codec = f"{entry['bits']}-bit" + (" 2:4" if entry["sparse24"] else "")
+            per_row = entry["group_size"] == entry["shape"][1]
+            codec += " per-row" if per_row else f" g{entry['group_size']}"
+        else:
+            codec = f"exact {entry['dtype']}"
+        rows.append([name, codec, entry["encoding"], f"{8 * stored / max(numel, 1):.3f}", stored,
+                     f"{2 * numel / max(stored, 1):.1f}x"])
+    columns = ["tensor", "codec", "lossless", "bits/weight", "bytes", "ratio"]
+    print_table(f"{manifest['name']} ({path})", columns, rows)
+    stats = manifest.get("stats", {})
+    settings = manifest.get("settings", {})
+    console.print(f"base {manifest['base'].get('name', '?')} {manifest['base']['fingerprint'][:23]}…  "
+                  f"target {manifest.get('target', '?')}  settings {settings}")
+    print_table("totals", ["parameters", "artifact bytes", "ratio vs fp16", "bits/weight", "lossless gain",
+                           "compress s", "checksums"],
+                [[stats.get("num_parameters"), stats.get("artifact_bytes"), f"{stats.get('ratio', 0):.2f}x",
+                  stats.get("bits_per_weight"), stats.get("lossless_gain"), stats.get("compress_seconds"),
+                  "ok" if verify else "not checked"]])

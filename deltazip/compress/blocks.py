@@ -1,0 +1,148 @@
+"""One decoder block at a time: build it from the HF config, load its weights, run it, capture inputs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltazip.artifact import ModelWeights
+from deltazip.errors import DeltazipError
+
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+class BlockRunner:
+    """Builds decoder layers of a Llama-style HF architecture from its config, without the whole model."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(str(model_dir))
+        self.config._attn_implementation = "sdpa"  # causal by default when no mask is given
+        model_type = self.config.model_type
+        try:
+            module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        except ImportError:
+            raise DeltazipError(f"{model_dir}: unsupported model_type {model_type!r}") from None
+        classes = {name: getattr(module, name) for name in dir(module)}
+        layer_cls = [c for n, c in classes.items() if n.endswith("DecoderLayer")]
+        rotary_cls = [c for n, c in classes.items() if n.endswith("RotaryEmbedding") and "Vision" not in n]
+        norm_cls = [c for n, c in classes.items() if n.endswith("RMSNorm")]
+        if not (layer_cls and rotary_cls and norm_cls):
+            raise DeltazipError(f"{model_dir}: model_type {model_type!r} is not a Llama-style decoder")
+        self.layer_cls, self.norm_cls = layer_cls[0], norm_cls[0]
+        self.rotary = rotary_cls[0](config=self.config)
+        self.num_layers = self.config.num_hidden_layers
+
+    def layer(self, index: int, weights: ModelWeights) -> nn.Module:
+        """Decoder layer `index` (float32, eval mode) holding `weights`' tensors."""
+        layer = self.layer_cls(self.config, index).float().eval()
+        prefix = f"model.layers.{index}."
+        state = {k[len(prefix):]: weights.get(k).float() for k in weights.names() if k.startswith(prefix)}
+        layer.load_state_dict(state, strict=True)
+        return layer
+
+    def final_norm(self, weight: torch.Tensor) -> nn.Module:
+        norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps).float().eval()
+        norm.weight.data.copy_(weight.float())
+        return norm
+
+    def position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
+        return self.rotary(hidden, positions)
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, hidden: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """Apply `layer` to hidden [n, seq, H] in chunks of `batch` sequences."""
+        outs = []
+        for start in range(0, hidden.shape[0], batch):
+            chunk = hidden[start:start + batch]
+            outs.append(layer(chunk, position_embeddings=self.position_embeddings(chunk)))
+        return torch.cat(outs)
+
+
+def linear_names(layer: nn.Module) -> list[str]:
+    return [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+@torch.no_grad()
+def sequential_groups(runner: BlockRunner, layer: nn.Module, hidden: torch.Tensor) -> list[list[str]]:
+    """Linears grouped by shared input, in call order (Llama: [q,k,v], [o], [gate,up], [down])."""
+    calls: list[tuple[str, int]] = []
+    handles = [layer.get_submodule(n).register_forward_hook(
+        lambda m, inp, out, n=n: calls.append((n, inp[0].data_ptr()))) for n in linear_names(layer)]
+    try:
+        runner.run(layer, hidden[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_ptr = None
+    for name, ptr in calls:
+        if groups and ptr == last_ptr and name not in groups[-1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_ptr = ptr
+    return groups
+
+
+@torch.no_grad()
+def input_hessians(runner: BlockRunner, layer: nn.Module, hidden: torch.Tensor,
+                   names: list[str]) -> dict[str, torch.Tensor]:
+    """H = 2/n · Σ x xᵀ (fp32, [K, K]) over all n calibration tokens entering each named linear."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(module, inp, out, name):
+        x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+        sums[name] = sums.get(name, 0) + x.T @ x
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    handles = [layer.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
+    try:
+        runner.run(layer, hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: 2.0 / counts[n] * sums[n] for n in names}
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    """H = 2/n · Σ x xᵀ for inputs x [..., K]."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    return 2.0 / flat.shape[0] * flat.T @ flat
+
+
+def calibration_tokens(model_dir: Path, calib_path: Path, n_samples: int, seq_len: int) -> torch.Tensor:
+    """n_samples windows [n, seq_len] of token ids, evenly spaced over the tokenized calibration texts."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise DeltazipError(f"{model_dir}: cannot load its tokenizer for calibration ({e})") from None
+    ids: list[int] = []
+    with open(calib_path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DeltazipError(f"{calib_path}:{line_no}: expected a JSON object with 'text'") from None
+            ids.extend(tokenizer(text)["input_ids"])
+            if tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+    if len(ids) < seq_len:
+        raise DeltazipError(f"{calib_path}: only {len(ids)} tokens, fewer than --seq-len {seq_len}")
+    stream = torch.tensor(ids, dtype=torch.long)
+    starts = torch.linspace(0, len(ids) - seq_len, n_samples).long()
+    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,219 @@
+"""compress_model: base + fine-tune → delta artifact, block by block with sequential propagation."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from deltazip.artifact import (
+    ModelWeights,
+    check_name,
+    fingerprint_model,
+    merge_tensor,
+    save_delta,
+)
+from deltazip.compress.blocks import (
+    EMBED,
+    FINAL_NORM,
+    LM_HEAD,
+    BlockRunner,
+    calibration_tokens,
+    hessian_of,
+    input_hessians,
+    sequential_groups,
+)
+from deltazip.compress.obs import solve_delta
+from deltazip.config import CompressConfig
+from deltazip.errors import DeltazipError
+from deltazip.packed import PackedLinear
+from deltazip.ui import progress
+
+log = logging.getLogger(__name__)
+# ‖target − base‖ / ‖base‖ above this does not look like a fine-tune (unrelated models give ≈ 1.4).
+FINETUNE_REL_NORM_WARN = 0.5
+
+
+def check_compatible(base: ModelWeights, target: ModelWeights) -> None:
+    """Same architecture, tensor names and shapes; the error names the first mismatching tensor."""
+    base_cfg, target_cfg = base.config(), target.config()
+    for key in ("model_type", "architectures"):
+        if base_cfg.get(key) != target_cfg.get(key):
+            raise DeltazipError(f"base and target differ in config '{key}': {base_cfg.get(key)!r} vs "
+                                f"{target_cfg.get(key)!r}")
+    for name in sorted(set(base.names()) | set(target.names())):
+        if name not in target.entries:
+            raise DeltazipError(f"tensor {name} is in the base but not in the target")
+        if name not in base.entries:
+            raise DeltazipError(f"tensor {name} is in the target but not in the base")
+        if base.shape(name) != target.shape(name):
+            raise DeltazipError(f"tensor {name} has shape {list(base.shape(name))} in the base but "
+                                f"{list(target.shape(name))} in the target")
+
+
+def resolve_calib(base_dir: Path, calib: str | Path | None) -> Path:
+    """--calib, else the family's calib.jsonl beside the base dir's family.json, else an error."""
+    if calib:
+        path = Path(calib)
+        if not path.is_file():
+            raise DeltazipError(f"calibration file not found: {path}")
+        return path
+    family_calib = base_dir.resolve().parent / "calib.jsonl"
+    if (base_dir.resolve().parent / "family.json").is_file() and family_calib.is_file():
+        return family_calib
+    raise DeltazipError(f"no calibration data for {base_dir}: pass --calib FILE.jsonl")
+
+
+def exact_delta(base: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """target − base, stored as float32 when that is exact, else float64 (see docs/FORMAT.md)."""
+    delta = target.double() - base.double()
+    narrow = delta.float()
+    return narrow if torch.equal(narrow.double(), delta) else delta
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+class _Solver:
+    """Compress one delta matrix with the run's settings, naming the tensor in any user error."""
+
+    def __init__(self, settings: CompressConfig) -> None:
+        self.settings = settings
+
+    def __call__(self, name: str, delta: torch.Tensor, hessian: torch.Tensor | None) -> PackedLinear:
+        s = self.settings
+        try:
+            return solve_delta(delta, hessian, s.bits, s.sparsity, s.group_size, s.damp, s.block_size)
+        except ValueError as e:
+            raise DeltazipError(f"cannot compress {name}: {e}") from None
+
+
+def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | Path,
+                   settings: CompressConfig, name: str | None = None, calib: str | Path | None = None,
+                   overwrite: bool = False) -> Path:
+    """Compress target − base into the artifact directory `out_dir` (written atomically) and return it."""
+    started = time.perf_counter()
+    base_dir, target_dir, out_dir = Path(base_dir), Path(target_dir), Path(out_dir)
+    validate_settings(settings)
+    name = name or out_dir.name.removesuffix(".dz")
+    check_name(name)
+    if out_dir.exists() and not overwrite:
+        raise DeltazipError(f"{out_dir} already exists (pass --force to replace it)")
+    base, target = ModelWeights(base_dir), ModelWeights(target_dir)
+    check_compatible(base, target)
+    norms = [0.0, 0.0]  # Σ‖t − b‖², Σ‖b‖² over matrices (norm vectors near 1 would mask an unrelated model)
+
+    warned = []
+
+    def take_delta(param: str) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t = base.get(param), target.get(param)
+        if b.dim() >= 2:
+            norms[0] += (t.double() - b.double()).pow(2).sum().item()
+            norms[1] += b.double().pow(2).sum().item()
+        return b, t
+
+    def warn_if_unrelated() -> None:  # once, as early as the first block (a 7B run takes hours)
+        rel_norm = math.sqrt(norms[0] / max(norms[1], 1e-30))
+        if rel_norm > FINETUNE_REL_NORM_WARN and not warned:
+            warned.append(rel_norm)
+            log.warning("the target does not look like a fine-tune of the base: relative delta norm "
+                        "‖target − base‖/‖base‖ = %.3f (> %.1f); compressing anyway",
+                        rel_norm, FINETUNE_REL_NORM_WARN)
+
+    linears: dict[str, PackedLinear] = {}
+    exact: dict[str, torch.Tensor] = {}
+    calib_path = None
+    if settings.bits == 16:
+        for param in progress(base.names(), desc="exact delta"):
+            b, t = take_delta(param)
+            exact[param] = exact_delta(b, t)
+            if not _same_bits(merge_tensor(b, exact[param], exact=True), t):
+                raise DeltazipError(f"tensor {param}: base + delta cannot reproduce the target bit for bit")
+    else:
+        calib_path = resolve_calib(base_dir, calib or settings.calib)
+        tokens = calibration_tokens(base_dir, calib_path, settings.n_samples, settings.seq_len)
+        _compress_sequential(base, target, tokens, settings, linears, exact, take_delta, warn_if_unrelated)
+    warn_if_unrelated()
+    rel_norm = math.sqrt(norms[0] / max(norms[1], 1e-30))
+    info = {
+        "base": {"name": base_dir.name},
+        "target": target_dir.name,
+        "model": {**{k: target.config().get(k) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                          "vocab_size")},
+                  "dtype": target.config().get("dtype") or target.config().get("torch_dtype")},
+        "settings": {**dataclasses.asdict(settings), "calib": calib_path.name if calib_path else None},
+        "stats": {"compress_seconds": round(time.perf_counter() - started, 3),
+                  "relative_delta_norm": rel_norm},
+    }
+    fingerprint = fingerprint_model(base_dir)
+    save_delta(out_dir, name, fingerprint, linears, exact, info, settings.lossless, overwrite=overwrite)
+    return out_dir
+
+
+@torch.no_grad()
+def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch.Tensor,
+                         settings: CompressConfig, linears: dict, exact: dict, take_delta,
+                         after_first_block) -> None:
+    """Embedding → blocks → final norm → lm_head; each stage sees the already compressed earlier stages."""
+    solve = _Solver(settings)
+    runner = BlockRunner(target.dir)
+    b, t = take_delta(EMBED)
+    linears["model.embed_tokens"] = solve(EMBED, t.float() - b.float(), None)  # no Hessian: magnitude + RTN
+    hidden = F.embedding(tokens, b.float() + linears["model.embed_tokens"].dequantize())
+
+    for index in progress(range(runner.num_layers), desc="compress layers", total=runner.num_layers):
+        prefix = f"model.layers.{index}."
+        layer = runner.layer(index, target)
+        for group in sequential_groups(runner, layer, hidden):
+            hessians = input_hessians(runner, layer, hidden, group)
+            for lin in group:
+                param = f"{prefix}{lin}.weight"
+                b, t = take_delta(param)
+                packed = solve(param, t.float() - b.float(), hessians[lin])
+                linears[f"{prefix}{lin}"] = packed
+                layer.get_submodule(lin).weight.copy_(b.float() + packed.dequantize())
+        compressed = {f"{prefix}{lin}.weight" for lin in _linear_set(layer)}
+        for param in target.names():
+            if param.startswith(prefix) and param not in compressed:
+                exact[param] = exact_delta(*take_delta(param))
+        hidden = runner.run(layer, hidden)
+        if index == 0:
+            after_first_block()
+
+    for param in target.names():  # final norm and anything else outside the blocks (biases, extra norms)
+        if not param.startswith("model.layers.") and param not in (EMBED, LM_HEAD):
+            exact[param] = exact_delta(*take_delta(param))
+    if LM_HEAD in target.entries:
+        normed = runner.final_norm(target.get(FINAL_NORM))(hidden)
+        b, t = take_delta(LM_HEAD)
+        linears["lm_head"] = solve(LM_HEAD, t.float() - b.float(), hessian_of(normed))
+
+
+def _linear_set(layer: torch.nn.Module) -> set[str]:
+    return {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def validate_settings(settings: CompressConfig) -> None:
+    """Combinations CompressConfig alone does not reject."""
+    sparsity = settings.sparsity
+    if sparsity not in ("2:4", "none"):
+        try:
+            fraction = float(sparsity)
+        except ValueError:
+            raise DeltazipError(f"--sparsity must be 2:4, none or a fraction, not {sparsity!r}") from None
+        if not 0.0 <= fraction < 1.0:
+            raise DeltazipError(f"--sparsity fraction must be in [0, 1), not {fraction}")
+    if settings.bits == 16 and sparsity != "none":
+        raise DeltazipError("--bits 16 is the lossless mode: it needs --sparsity none")
+    if settings.block_size < 4:
+        raise DeltazipError(f"--block-size must be at least 4, not {settings.block_size}")
+    if settings.n_samples < 1 or settings.seq_len < 2:
+        raise DeltazipError("--n-samples must be ≥ 1 and --seq-len ≥ 2")
+    if settings.damp < 0:
+        raise DeltazipError(f"--damp must be ≥ 0, not {settings.damp}")

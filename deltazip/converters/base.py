@@ -1,0 +1,145 @@
+"""HF Llama base → TensorRT-LLM checkpoint through NVIDIA Model Optimizer's exporter (optionally quantized).
+
+The exporter (``modelopt.torch.export.export_tensorrt_llm_checkpoint``) does the fusion, TP split, GQA dup
+and vocab padding; it runs on a CPU-only machine without TensorRT-LLM. A quantized base is made with
+``mtq.quantize`` calibrated on a jsonl of ``{"text": ...}`` lines. Deltas are never quantized with the base:
+the DeltaGemm adds x·Δᵀ on top of whatever the base GEMM is, so the delta path is independent of base_quant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from deltazip.converters.output import atomic_dir, check_out_dir
+from deltazip.converters.split import ModelShape, check_tp
+from deltazip.errors import DeltazipError
+
+# --base-quant value → modelopt config name; None: export the base unquantized.
+BASE_QUANT_CONFIGS = {"none": None, "w4a16_awq": "INT4_AWQ_CFG", "w8a16": "INT8_WEIGHT_ONLY_CFG",
+                      "fp8": "FP8_DEFAULT_CFG"}
+# The exporter pads vocab to a multiple of 64 for AWQ bases; the delta layout must pad the same way.
+VOCAB_MULTIPLE = {"w4a16_awq": 64}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # the exporter writes fp32 as fp16
+
+
+# Block-quantized bases need every rank's in_features to hold whole quantization blocks.
+QUANT_BLOCK = {"w4a16_awq": 128}
+
+
+def vocab_multiple(base_quant: str) -> int:
+    return VOCAB_MULTIPLE.get(base_quant, 1)
+
+
+def check_base_quant(base_quant: str) -> None:
+    if base_quant not in BASE_QUANT_CONFIGS:
+        known = ", ".join(BASE_QUANT_CONFIGS)
+        raise DeltazipError(f"unknown base quantization {base_quant!r} (choose from {known})")
+
+
+def check_quant_blocks(shape: ModelShape, tp: int, base_quant: str) -> None:
+    """Reject a tp at which a row-parallel shard would cut the base's quantization blocks (modelopt would
+    fail late, after calibration)."""
+    block = QUANT_BLOCK.get(base_quant)
+    if block is None:
+        return
+    for name, in_features in (("hidden_size", shape.hidden_size),
+                              ("attention width / tp", shape.num_heads * shape.head_size // tp),
+                              ("intermediate_size / tp", shape.intermediate_size // tp)):
+        if in_features % block:
+            raise DeltazipError(f"--base-quant {base_quant} quantizes blocks of {block} input columns, but "
+                                f"{name} = {in_features} at tp {tp} is not a multiple of {block}")
+
+
+def load_base_model(base_dir: Path, dtype: torch.dtype = torch.float32):
+    """Load an HF Llama (architecture checked first, no remote code)."""
+    from transformers import AutoModelForCausalLM
+
+    ModelShape.from_model_dir(base_dir)
+    return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype).eval()
+
+
+def read_calib_texts(calib_path: Path, limit: int) -> list[str]:
+    """The first `limit` texts of a calibration jsonl ({"text": ...} per line)."""
+    path = Path(calib_path)
+    if not path.is_file():
+        raise DeltazipError(f"calibration file not found: {path}")
+    texts = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DeltazipError(f"{path}:{line_no}: expected a JSON object with a 'text' field") from None
+        if len(texts) >= limit:
+            break
+    if not texts:
+        raise DeltazipError(f"{path}: no calibration texts")
+    return texts
+
+
+@contextlib.contextmanager
+def quiet_modelopt() -> Iterator[None]:
+    """Hide modelopt's expected chatter: per-module prints and the 'no tensorrt_llm' fallback warnings."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"modelopt\.")
+        yield
+
+
+def quantize_base(model, tokenizer, base_quant: str, calib_texts: list[str], seq_len: int = 64):
+    """Fake-quantize `model` in place with modelopt's config for `base_quant`, calibrated on the texts."""
+    with quiet_modelopt():
+        import modelopt.torch.quantization as mtq
+
+    config = getattr(mtq, BASE_QUANT_CONFIGS[base_quant])
+    batches = [tokenizer(t, return_tensors="pt", truncation=True, max_length=seq_len).input_ids
+               for t in calib_texts]
+
+    def forward_loop(m) -> None:
+        with torch.no_grad():
+            for ids in batches:
+                m(ids)
+
+    with quiet_modelopt():
+        return mtq.quantize(model, config, forward_loop=forward_loop)
+
+
+def export_checkpoint(model, out_dir: Path, tp: int, dtype: str = "float16", overwrite: bool = False) -> Path:
+    """Write config.json + rank{r}.safetensors for `model` with modelopt's exporter, atomically."""
+    with quiet_modelopt():
+        from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    with atomic_dir(Path(out_dir), overwrite) as tmp, quiet_modelopt():
+        export_tensorrt_llm_checkpoint(model, "llama", DTYPES[dtype], export_dir=tmp,
+                                       inference_tensor_parallel=tp)
+    return Path(out_dir)
+
+
+def convert_base(base_dir: Path, out_dir: Path, tp: int = 1, dtype: str = "float16", base_quant: str = "none",
+                 calib: Path | None = None, n_calib: int = 32, overwrite: bool = False) -> Path:
+    """Base model directory → TensorRT-LLM checkpoint; every input is checked before any output is written."""
+    shape = ModelShape.from_model_dir(base_dir)
+    check_tp(shape, tp)
+    check_base_quant(base_quant)
+    check_quant_blocks(shape, tp, base_quant)
+    if dtype not in DTYPES:
+        raise DeltazipError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    check_out_dir(Path(out_dir), overwrite)
+    texts = None
+    if BASE_QUANT_CONFIGS[base_quant] is not None:
+        calib = Path(calib) if calib else Path(base_dir).parent / "calib.jsonl"  # the family layout
+        texts = read_calib_texts(calib, n_calib)
+    model = load_base_model(base_dir)
+    if texts is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+        model = quantize_base(model, tokenizer, base_quant, texts)
+    return export_checkpoint(model, out_dir, tp, dtype, overwrite)

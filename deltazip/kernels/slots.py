@@ -1,0 +1,104 @@
+"""DeltaSlots: a fixed number of packed deltas of one linear layer, stacked for the delta GEMM."""
+
+from __future__ import annotations
+
+import torch
+
+from deltazip.packed import PackedLinear, codes_per_word, pack_codes, unpack_codes
+
+
+class DeltaSlots:
+    """Stacked packed deltas [S, ...] of one linear layer (layout of PackedLinear, one slot per delta).
+
+    A slot holds one delta with the slot's bit width; a delta with fewer bits is widened on `set`
+    (same codes, zeros and scales in a wider field: exact). Empty slots hold zeros (Δ = 0).
+    """
+
+    def __init__(self, num_slots: int, out_features: int, in_features: int, bits: int, group_size: int,
+                 sparse24: bool, device: torch.device | str = "cpu") -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, not {num_slots}")
+        if bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, not {bits}")
+        if group_size <= 0 or in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        if sparse24 and in_features % 32:
+            raise ValueError(f"2:4 slots need in_features % 32 == 0 (in_features={in_features})")
+        self.num_slots, self.out_features, self.in_features = num_slots, out_features, in_features
+        self.bits, self.group_size, self.sparse24 = bits, group_size, sparse24
+        self.device = torch.device(device)
+        n, k, s = out_features, in_features, num_slots
+        num_words = -(-self.n_codes // codes_per_word(bits))
+        num_groups = k // group_size
+        self.qweight = torch.zeros(s, n, num_words, dtype=torch.int32, device=self.device)  # codes, LSB first
+        self.meta = (torch.zeros(s, n, k // 32, dtype=torch.int32, device=self.device)  # 2-bit positions
+                     if sparse24 else None)
+        self.scales = torch.zeros(s, n, num_groups, dtype=torch.float16, device=self.device)
+        self.zeros = torch.zeros(s, n, num_groups, dtype=torch.float16, device=self.device)
+        self._occupied = [False] * s
+
+    @property
+    def n_codes(self) -> int:
+        """Codes stored per row: K/2 for 2:4, else K."""
+        return self.in_features // 2 if self.sparse24 else self.in_features
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of all slots (occupied or not)."""
+        tensors = [self.qweight, self.scales, self.zeros] + ([self.meta] if self.meta is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def occupied(self, slot: int) -> bool:
+        """Whether `slot` holds a delta."""
+        self._check_slot(slot)
+        return self._occupied[slot]
+
+    def set(self, slot: int, packed: PackedLinear) -> None:
+        """Copy `packed` into `slot`, widening its codes to the slot's bit width; validate first."""
+        self._check_slot(slot)
+        self._check_compatible(packed)
+        qweight = packed.qweight
+        if packed.bits != self.bits:
+            qweight = pack_codes(unpack_codes(qweight, packed.bits, packed.n_codes), self.bits)
+        scales, zeros = packed.scales, packed.zeros
+        if packed.group_size != self.group_size:  # coarser groups: repeat each (s, z) over the finer groups
+            repeat = packed.group_size // self.group_size
+            scales, zeros = scales.repeat_interleave(repeat, 1), zeros.repeat_interleave(repeat, 1)
+        self.qweight[slot].copy_(qweight)
+        if self.meta is not None:
+            self.meta[slot].copy_(packed.meta)
+        self.scales[slot].copy_(scales)
+        self.zeros[slot].copy_(zeros)
+        self._occupied[slot] = True
+
+    def clear(self, slot: int) -> None:
+        """Empty `slot` (its delta becomes zero)."""
+        self._check_slot(slot)
+        for t in (self.qweight, self.meta, self.scales, self.zeros):
+            if t is not None:
+                t[slot].zero_()
+        self._occupied[slot] = False
+
+    def packed(self, slot: int) -> PackedLinear:
+        """The slot's content as a PackedLinear (views, at the slot's bit width)."""
+        self._check_slot(slot)
+        return PackedLinear(self.out_features, self.in_features, self.bits, self.group_size, self.sparse24,
+                            self.qweight[slot], None if self.meta is None else self.meta[slot],
+                            self.scales[slot], self.zeros[slot])
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
+
+    def _check_compatible(self, packed: PackedLinear) -> None:
+        shape, want = (packed.out_features, packed.in_features), (self.out_features, self.in_features)
+        if shape != want:
+            raise ValueError(f"delta shape [N, K] = {list(shape)} does not match the slots' {list(want)}")
+        if packed.sparse24 != self.sparse24:
+            kind = {True: "2:4", False: "dense"}
+            raise ValueError(f"a {kind[packed.sparse24]} delta cannot go into {kind[self.sparse24]} slots")
+        if packed.bits > self.bits:
+            raise ValueError(f"a {packed.bits}-bit delta does not fit {self.bits}-bit slots (only widening)")
+        if packed.group_size % self.group_size:
+            raise ValueError(f"delta group_size {packed.group_size} is not a multiple of the slots' "
+                             f"group_size {self.group_size}")

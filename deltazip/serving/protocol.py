@@ -1,0 +1,143 @@
+"""The deltazip_llm request/response schema: validate Triton input arrays into a generation request.
+
+Kept free of Triton and torch imports so the model's parsing rules are testable in-process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deltazip.errors import DeltazipError
+
+MODEL_NAME = "deltazip_llm"
+INPUT_NAMES = ("text_input", "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+               "exclude_input_in_output")  # the last one: TensorRT-LLM clients (genai-perf) send it
+OUTPUT_NAMES = ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")
+
+
+class BadRequest(DeltazipError):
+    """One request's inputs are missing, mistyped or out of range (becomes that request's error)."""
+
+
+@dataclass
+class ParsedRequest:
+    """A validated request: prompt, delta name (None = base), SamplingParams kwargs, stream flag."""
+
+    prompt: str
+    delta: str | None
+    params: dict = field(default_factory=dict)
+    stream: bool = False
+
+
+def _one(name: str, array: np.ndarray) -> object:
+    if array.size != 1:
+        raise BadRequest(f"input '{name}' must hold exactly one value, got shape {list(array.shape)}")
+    return array.reshape(-1)[0]
+
+
+def _text(name: str, value: object) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"input '{name}' is not valid UTF-8") from None
+    if isinstance(value, str):
+        return value
+    raise BadRequest(f"input '{name}' must be BYTES, got {type(value).__name__}")
+
+
+def _int(name: str, array: np.ndarray, kinds: str = "iu") -> int:
+    if array.dtype.kind not in kinds:
+        raise BadRequest(f"input '{name}' must be an integer tensor, got {array.dtype}")
+    return int(_one(name, array))
+
+
+def _float(name: str, array: np.ndarray) -> float:
+    if array.dtype.kind != "f":
+        raise BadRequest(f"input '{name}' must be FP32, got {array.dtype}")
+    value = float(_one(name, array))
+    if not math.isfinite(value):
+        raise BadRequest(f"input '{name}' must be finite, got {value}")
+    return value
+
+
+def _bool(name: str, array: np.ndarray) -> bool:
+    if array.dtype != np.bool_:
+        raise BadRequest(f"input '{name}' must be BOOL, got {array.dtype}")
+    return bool(_one(name, array))
+
+
+def validate_delta_name(name: str) -> str:
+    """A delta name is a plain identifier: no path separators, no leading dot."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+        raise BadRequest(f"invalid delta name {name!r}: use the artifact's name without a path")
+    return name
+
+
+def parse_inputs(inputs: dict[str, np.ndarray], max_tokens_limit: int) -> ParsedRequest:
+    """Turn the request's input arrays (name → numpy) into a ParsedRequest; raise BadRequest on any fault."""
+    unknown = sorted(set(inputs) - set(INPUT_NAMES))
+    if unknown:
+        raise BadRequest(f"unknown input(s) {', '.join(unknown)} (known: {', '.join(INPUT_NAMES)})")
+    if "text_input" not in inputs:
+        raise BadRequest("missing required input 'text_input'")
+    prompt = _text("text_input", _one("text_input", inputs["text_input"]))
+    if not prompt:
+        raise BadRequest("input 'text_input' is empty")
+
+    delta = None
+    if "model" in inputs:
+        name = _text("model", _one("model", inputs["model"]))
+        delta = validate_delta_name(name) if name else None
+
+    params: dict = {}
+    if "max_tokens" in inputs:
+        max_tokens = _int("max_tokens", inputs["max_tokens"])
+        if not 1 <= max_tokens <= max_tokens_limit:
+            raise BadRequest(f"max_tokens must be in [1, {max_tokens_limit}], got {max_tokens}")
+        params["max_tokens"] = max_tokens
+    if "temperature" in inputs:
+        temperature = _float("temperature", inputs["temperature"])
+        if temperature < 0:
+            raise BadRequest(f"temperature must be >= 0, got {temperature}")
+        params["temperature"] = temperature
+    if "top_p" in inputs:
+        top_p = _float("top_p", inputs["top_p"])
+        if not 0 < top_p <= 1:
+            raise BadRequest(f"top_p must be in (0, 1], got {top_p}")
+        params["top_p"] = top_p
+    if "top_k" in inputs:
+        top_k = _int("top_k", inputs["top_k"])
+        if top_k < 0:
+            raise BadRequest(f"top_k must be >= 0, got {top_k}")
+        params["top_k"] = top_k
+    if "seed" in inputs:
+        seed = _int("seed", inputs["seed"])
+        if seed < 0:
+            raise BadRequest(f"seed must be >= 0, got {seed}")
+        params["seed"] = seed
+    if "stop" in inputs:
+        stop = [_text("stop", v) for v in inputs["stop"].reshape(-1)]
+        params["stop"] = [s for s in stop if s]
+
+    if "exclude_input_in_output" in inputs:
+        if not _bool("exclude_input_in_output", inputs["exclude_input_in_output"]):
+            raise BadRequest("exclude_input_in_output=false is not supported (answers never echo the prompt)")
+    stream = False
+    if "stream" in inputs:
+        stream = _bool("stream", inputs["stream"])
+    return ParsedRequest(prompt=prompt, delta=delta, params=params, stream=stream)
+
+
+def output_arrays(text: str, finish_reason: str, prompt_tokens: int,
+                  completion_tokens: int) -> dict[str, np.ndarray]:
+    """The four output tensors of one response, as numpy arrays in the config's dtypes and dims [1]."""
+    return {
+        "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
+        "finish_reason": np.array([finish_reason.encode("utf-8")], dtype=np.object_),
+        "prompt_tokens": np.array([prompt_tokens], dtype=np.int32),
+        "completion_tokens": np.array([completion_tokens], dtype=np.int32),
+    }

@@ -1,0 +1,184 @@
+"""The delta artifact: stream packing round trips, checksums, fingerprints, atomic writes, apply_delta."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deltazip.artifact import (
+    PATTERNS_24,
+    ArtifactError,
+    ChecksumError,
+    FingerprintError,
+    apply_delta,
+    atomic_dir,
+    decompress,
+    fingerprint_model,
+    linear_from_streams,
+    linear_streams,
+    load_delta,
+    pack_byte_codes,
+    pack_patterns,
+    read_manifest,
+    save_delta,
+    unpack_patterns,
+)
+from deltazip.packed import PackedLinear
+
+
+def random_packed(n: int, k: int, bits: int, sparse: bool, group: int, seed: int = 0) -> PackedLinear:
+    gen = torch.Generator().manual_seed(seed)
+    n_codes = k // 2 if sparse else k
+    codes = torch.randint(0, 1 << bits, (n, n_codes), generator=gen)
+    positions = None
+    if sparse:
+        symbols = torch.randint(0, 6, (n * k // 4,), generator=gen)
+        positions = torch.tensor(PATTERNS_24)[symbols].reshape(n, k // 2)
+    scales = torch.rand(n, k // group, generator=gen) + 0.01
+    zeros = torch.full((n, k // group), float(1 << (bits - 1)))
+    return PackedLinear.from_codes(codes, scales, zeros, bits, group, positions=positions, in_features=k)
+
+
+def assert_packed_equal(a: PackedLinear, b: PackedLinear) -> None:
+    assert (a.out_features, a.in_features, a.bits, a.group_size, a.sparse24) == \
+        (b.out_features, b.in_features, b.bits, b.group_size, b.sparse24)
+    for key, t in a.tensors().items():
+        assert torch.equal(t, b.tensors()[key]), key
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_streams_round_trip_exact(bits, sparse):
+    packed = random_packed(24, 96, bits, sparse, group=32, seed=bits)
+    streams = {k: v.contiguous().view(torch.uint8).numpy().tobytes()
+               for k, v in linear_streams(packed).items()}
+    entry = {"shape": [24, 96], "bits": bits, "group_size": 32, "sparse24": sparse}
+    assert_packed_equal(linear_from_streams(entry, streams), packed)
+    if sparse and bits == 2:  # structural: one byte per group of 4 holds the pattern and both kept codes
+        assert set(streams) == {"groups", "scales", "zeros"} and len(streams["groups"]) == 24 * 96 // 4
+    elif sparse:  # structural: codes of kept values only
+        per_byte = 2 if bits == 3 else 8 // bits
+        assert len(streams["codes"]) == -(-24 * 48 // per_byte)
+    if sparse:  # the other layout (separate codes and base-6 patterns) must decode the same
+        split = {"codes": pack_byte_codes(packed.codes(), bits),
+                 "patterns": pack_patterns(packed.positions())}
+        split = {k: v.numpy().tobytes() for k, v in split.items()}
+        split.update({k: v for k, v in streams.items() if k in ("scales", "zeros")})
+        assert_packed_equal(linear_from_streams(entry, split), packed)
+
+
+def test_pattern_symbols_cover_all_six():
+    positions = torch.tensor(PATTERNS_24 * 5).reshape(1, -1)  # 30 groups, 2 positions each
+    stream = pack_patterns(positions)
+    assert stream.numel() == 10 and int(stream.max()) < 216
+    assert torch.equal(unpack_patterns(stream, 30).reshape(1, -1), positions)
+
+
+@pytest.mark.parametrize("lossless", ["zstd", "none"])
+def test_save_load_round_trip(tmp_path, lossless):
+    linears = {"model.layers.0.mlp.down_proj": random_packed(32, 64, 2, True, 64),
+               "lm_head": random_packed(16, 32, 4, False, 32, seed=1)}
+    exact = {"model.norm.weight": torch.randn(32),
+             "model.layers.0.input_layernorm.weight": torch.randn(32).double()}
+    path = save_delta(tmp_path / "x.dz", "x", "sha256:abc", linears, exact, {"target": "t"}, lossless)
+    assert sorted(os.listdir(path)) == ["delta.safetensors", "manifest.json"]
+    delta = load_delta(path)
+    assert delta.name == "x" and delta.base_fingerprint == "sha256:abc"
+    for name, packed in linears.items():
+        assert_packed_equal(delta.linears[name], packed)
+    for name, t in exact.items():
+        assert delta.exact[name].dtype == t.dtype and torch.equal(delta.exact[name], t)
+    dense = decompress(delta)
+    assert set(dense) == {"model.layers.0.mlp.down_proj.weight", "lm_head.weight", *exact}
+    stats = read_manifest(path)["stats"]
+    assert stats["num_parameters"] == 32 * 64 + 16 * 32 + 64
+    total = sum(f.stat().st_size for f in path.iterdir())
+    assert abs(stats["artifact_bytes"] - total) <= 8
+    assert stats["ratio"] == pytest.approx(2 * stats["num_parameters"] / stats["artifact_bytes"])
+
+
+def _small_artifact(tmp_path: Path) -> Path:
+    return save_delta(tmp_path / "a.dz", "a", "sha256:0", {"lm_head": random_packed(64, 64, 2, True, 64)},
+                      {"model.norm.weight": torch.randn(64)})
+
+
+def test_flipped_byte_is_a_checksum_error_naming_the_file(tmp_path):
+    path = _small_artifact(tmp_path)
+    payload = path / "delta.safetensors"
+    data = bytearray(payload.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    payload.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="delta.safetensors.*sha256"):
+        load_delta(path)
+
+
+def test_truncated_file_is_an_error(tmp_path):
+    path = _small_artifact(tmp_path)
+    payload = path / "delta.safetensors"
+    payload.write_bytes(payload.read_bytes()[:-100])
+    with pytest.raises(ChecksumError, match="delta.safetensors.*truncated"):
+        load_delta(path)
+    with pytest.raises(ArtifactError):  # even unverified, a short payload never loads silently
+        load_delta(path, verify=False)
+
+
+def test_manifest_rules(tmp_path):
+    path = _small_artifact(tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(ArtifactError, match="unsupported version 99"):
+        load_delta(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="invalid JSON"):
+        load_delta(path)
+    with pytest.raises(ArtifactError, match="not a delta artifact"):
+        load_delta(tmp_path)
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.dz"
+    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)), atomic_dir(target) as tmp:
+            (tmp / "manifest.json").write_text("{}")
+            raise exc
+    assert os.listdir(tmp_path) == []
+    with atomic_dir(target) as tmp:
+        (tmp / "f").write_text("1")
+    assert os.listdir(tmp_path) == ["out.dz"]
+    with pytest.raises(Exception, match="already exists"), atomic_dir(target):
+        pass
+
+
+def _model_dir(path: Path, seed: int) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    path.mkdir()
+    tensors = {"model.embed_tokens.weight": torch.randn(16, 32, generator=gen),
+               "model.norm.weight": torch.randn(32, generator=gen),
+               "lm_head.weight": torch.randn(64, 32, generator=gen).half()}
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text('{"model_type": "llama"}')
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+def test_fingerprint_and_exact_apply(tmp_path):
+    base = _model_dir(tmp_path / "base", 0)
+    other = _model_dir(tmp_path / "other", 1)
+    assert fingerprint_model(base) == fingerprint_model(base) != fingerprint_model(other)
+    target = load_file(str(other / "model.safetensors"))
+    base_t = load_file(str(base / "model.safetensors"))
+    exact = {k: target[k].double() - base_t[k].double() for k in target}
+    path = save_delta(tmp_path / "d.dz", "d", fingerprint_model(base), {}, exact)
+    merged = apply_delta(base, path, tmp_path / "merged")
+    out = load_file(str(merged / "model.safetensors"))
+    for k, t in target.items():
+        assert out[k].dtype == t.dtype and torch.equal(out[k].view(torch.uint8), t.view(torch.uint8)), k
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+    with pytest.raises(FingerprintError, match="was made for base"):
+        apply_delta(other, path, tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()

@@ -1,0 +1,113 @@
+"""deltazip build: rendered repository, build.json, fingerprint refusal, backend switch, atomic output."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from google.protobuf import text_format
+from safetensors.torch import load_file, save_file
+from tritonclient.grpc import model_config_pb2
+
+from deltazip.builder.build import build, load_build
+from deltazip.cli import cli
+from deltazip.config import RuntimeConfig
+from deltazip.errors import DeltazipError
+
+
+@pytest.fixture(scope="module")
+def store(tiny_deltas) -> Path:
+    return next(iter(tiny_deltas.values())).parent
+
+
+def _parse_config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_build_renders_repo_and_manifest(tiny_family, tiny_deltas, store, tmp_path):
+    from deltazip.artifact import fingerprint_model
+
+    runtime = RuntimeConfig(max_context=128, delta_slots=2)
+    out = tmp_path / "build"
+    manifest = build(tiny_family.base_dir, store, out, runtime)
+
+    repo = out / "triton_repo" / "deltazip_llm"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "build.json", "triton_repo/deltazip_llm/1/model.py", "triton_repo/deltazip_llm/config.pbtxt"]
+    config = _parse_config(repo / "config.pbtxt")  # Triton's own schema: parses only if well-formed
+    assert config.name == "deltazip_llm" and config.backend == "python" and config.max_batch_size == 0
+    assert config.model_transaction_policy.decoupled
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    inputs = {i.name: i for i in config.input}
+    assert list(inputs) == ["text_input", "model", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                            "stop", "stream", "exclude_input_in_output"]
+    assert not inputs["text_input"].optional
+    assert all(i.optional for name, i in inputs.items() if name != "text_input")
+    assert [o.name for o in config.output] == ["text_output", "finish_reason", "prompt_tokens",
+                                               "completion_tokens"]
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["base_dir"] == str(Path(tiny_family.base_dir).resolve())
+    assert params["deltas_dir"] == str(store.resolve())
+    assert RuntimeConfig(**json.loads(params["runtime_config"])) == runtime
+
+    assert load_build(out) == manifest == json.loads((out / "build.json").read_text())
+    assert manifest["settings"]["runtime"] == dataclasses.asdict(runtime)
+    assert manifest["settings"]["backend"] == "torch"
+    assert manifest["base_fingerprint"] == fingerprint_model(tiny_family.base_dir)
+    assert [d["name"] for d in manifest["deltas"]] == sorted(tiny_deltas)
+    for entry in manifest["deltas"]:
+        sha = hashlib.sha256((Path(entry["path"]) / "manifest.json").read_bytes()).hexdigest()
+        assert entry["manifest_sha256"] == sha and entry["base_fingerprint"] == manifest["base_fingerprint"]
+    assert manifest["versions"]["torch"] == metadata.version("torch")
+
+
+def test_rebuild_replaces_output_without_leftovers(tiny_family, store, tmp_path):
+    out = tmp_path / "build"
+    build(tiny_family.base_dir, store, out, RuntimeConfig())
+    (out / "stale.txt").write_text("from an older build")
+    build(tiny_family.base_dir, store, out, RuntimeConfig(max_batch_size=4))
+    assert not (out / "stale.txt").exists()
+    assert load_build(out)["settings"]["runtime"]["max_batch_size"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no temp or old dirs left
+
+
+def test_delta_from_another_base_is_refused_before_writing(tiny_family, store, tmp_path):
+    other_base = tmp_path / "other-base"
+    shutil.copytree(tiny_family.base_dir, other_base)
+    weights = load_file(other_base / "model.safetensors")
+    name = next(n for n in weights if n.endswith("mlp.down_proj.weight"))
+    weights[name] = weights[name] + 0.01  # another base: same shapes, different values
+    save_file(weights, other_base / "model.safetensors", metadata={"format": "pt"})
+
+    out = tmp_path / "build"
+    with pytest.raises(DeltazipError, match="made against another base"):
+        build(other_base, store, out, RuntimeConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-base"]
+
+
+def test_missing_deltas_dir_and_bad_base(tiny_family, tmp_path):
+    with pytest.raises(DeltazipError, match="deltas directory not found"):
+        build(tiny_family.base_dir, tmp_path / "nope", tmp_path / "out", RuntimeConfig())
+    with pytest.raises(DeltazipError, match="no config.json"):
+        build(tmp_path, tmp_path, tmp_path / "out", RuntimeConfig())
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_build_and_trtllm_backend_error(tiny_family, store, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["build", "--base", str(tiny_family.base_dir), "--deltas", str(store),
+                                 "--out", str(tmp_path / "b1"), "--backend", "trtllm"])
+    assert result.exit_code == 2
+    assert "not available here: TensorRT-LLM is not installed" in result.output
+    assert not (tmp_path / "b1").exists()
+
+    result = runner.invoke(cli, ["-q", "build", "--base", str(tiny_family.base_dir), "--deltas", str(store),
+                                 "--out", str(tmp_path / "b2")])
+    assert result.exit_code == 0, result.output
+    assert "reverse" in result.output and (tmp_path / "b2" / "build.json").is_file()

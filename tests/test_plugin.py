@@ -1,0 +1,172 @@
+"""DeltaGemm plugin, CPU-verifiable parts: I/O rules, launch ABI in the interpreter, PTX, import guards."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import pytest
+import torch
+
+from deltazip.errors import DeltazipError
+from deltazip.kernels import DeltaSlots, add_delta_matmul
+from deltazip.packed import PackedLinear
+from deltazip.plugins.delta_gemm_plugin import (
+    INPUT_NAMES,
+    DeltaGemmShape,
+    PluginError,
+    batch_segments,
+    check_aot_kernel,
+    check_inputs,
+    extra_args,
+    launch_grid,
+    m_splits_for,
+    plugin_kernels,
+    plugin_weights,
+    weight_shapes,
+)
+
+PAIRS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+
+
+def random_packed(n: int, k: int, bits: int, group: int, sparse: bool, gen: torch.Generator) -> PackedLinear:
+    codes = torch.randint(0, 2**bits, (n, k // 2 if sparse else k), generator=gen)
+    positions = PAIRS[torch.randint(0, 6, (n, k // 4), generator=gen)].reshape(n, k // 2) if sparse else None
+    scales = torch.rand(n, k // group, generator=gen) * 0.05 + 1e-3
+    zeros = torch.randint(0, 2**bits, (n, k // group), generator=gen).float()
+    return PackedLinear.from_codes(codes, scales, zeros, bits, group, positions, in_features=k)
+
+
+def filled_slots(shape: DeltaGemmShape, seed: int = 0) -> DeltaSlots:
+    gen = torch.Generator().manual_seed(seed)
+    slots = DeltaSlots(shape.num_slots, shape.out_features, shape.in_features, shape.bits, shape.group_size,
+                       shape.sparse24)
+    for slot in range(shape.num_slots):
+        slots.set(slot, random_packed(shape.out_features, shape.in_features, shape.bits, shape.group_size,
+                                      shape.sparse24, gen))
+    return slots
+
+
+def plugin_call(x: torch.Tensor, base_out: torch.Tensor, slots: DeltaSlots, row_slot: torch.Tensor,
+                shape: DeltaGemmShape) -> torch.Tensor:
+    """Launch the runtime's kernel exactly as the AOT plugin does: plugin input order, extra args, grid."""
+    from deltazip.kernels.configs import INTERPRETER
+    from deltazip.kernels.delta_gemm import delta_gemm_kernel
+
+    inputs = {"x": x, "base_out": base_out, **plugin_weights(slots), **batch_segments(row_slot)}
+    shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+    out_shape, out_dtype = check_inputs(shape, shapes, {name: t.dtype for name, t in inputs.items()})
+    assert out_shape == tuple(base_out.shape) and out_dtype == base_out.dtype
+    m_splits = m_splits_for(x.shape[0], INTERPRETER.block_m, 4)
+    grid = launch_grid(len(inputs["seg_slot"]), shape.out_features, INTERPRETER.block_n, m_splits)
+    delta_gemm_kernel[grid](
+        *(inputs[name] for name in INPUT_NAMES), *extra_args(shape),
+        BITS=shape.bits, GROUP=shape.group_size, SPARSE24=shape.sparse24, DOT_MODE=0,
+        BLOCK_M=INTERPRETER.block_m, BLOCK_N=INTERPRETER.block_n, BLOCK_K=INTERPRETER.block_k)
+    return base_out  # the output aliases base_out
+
+
+@pytest.mark.parametrize(("bits", "group", "sparse"), [(2, 128, True), (4, 32, False)])
+def test_plugin_launch_abi_matches_reference_in_interpreter(bits, group, sparse):
+    shape = DeltaGemmShape(out_features=96, in_features=128, bits=bits, group_size=group, sparse24=sparse,
+                           num_slots=3)
+    slots = filled_slots(shape)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 128, generator=gen)
+    base = torch.randn(7, 96, generator=gen)
+    row_slot = torch.tensor([2, -1, 0, 2, 1, -1, 0], dtype=torch.int32)
+    want = add_delta_matmul(base.clone(), x, slots, row_slot, impl="torch")
+    got = plugin_call(x, base.clone(), slots, row_slot, shape)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[[1, 5]], base[[1, 5]]), "rows without a delta keep base_out exactly"
+    assert not torch.allclose(got, base), "the delta term is not empty"
+    # a batch with no deltas: one empty segment, output untouched
+    empty = plugin_call(x, base.clone(), slots, torch.full((7,), -1, dtype=torch.int32), shape)
+    assert torch.equal(empty, base)
+
+
+def test_plugin_consumes_a_row_parallel_rank_layout():
+    """Rank shards from the converter, run through the plugin ABI, sum to the unsharded delta output."""
+    from deltazip.converters.delta import shard_module
+    from deltazip.converters.split import ModelShape, row_cols
+
+    gen = torch.Generator().manual_seed(3)
+    full = random_packed(64, 256, 2, 256, True, gen)  # one scale group per row, spanning both ranks
+    model = ModelShape(64, 256, 1, 4, 2, 16, 100)
+    x = torch.randn(5, 256, generator=gen)
+    row_slot = torch.zeros(5, dtype=torch.int32)
+    total = torch.zeros(5, 64)
+    for rank in range(2):
+        part = shard_module(full, "row", model, 2, rank, 100, "proj")
+        shape = DeltaGemmShape(64, part.in_features, 2, part.group_size, True, 1)
+        slots = DeltaSlots(1, 64, part.in_features, 2, part.group_size, True)
+        slots.set(0, part)
+        total += plugin_call(x[:, slice(*row_cols(256, 2, rank))].contiguous(), torch.zeros(5, 64), slots,
+                             row_slot, shape)
+    torch.testing.assert_close(total, x @ full.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_shape_and_dtype_rules_reject_bad_inputs():
+    shape = DeltaGemmShape(96, 128, 4, 32, True, 2)
+    good_shapes = {"x": (5, 128), "base_out": (5, 96), **weight_shapes(shape), "sorted_rows": (4,),
+                   "seg_start": (3,), "seg_slot": (2,)}
+    good_dtypes = {"x": torch.float16, "base_out": torch.float16, "qweight": torch.int32, "meta": torch.int32,
+                   "scales": torch.float16, "zeros": torch.float16, "sorted_rows": torch.int32,
+                   "seg_start": torch.int32, "seg_slot": torch.int32}
+    assert check_inputs(shape, good_shapes, good_dtypes) == ((5, 96), torch.float16)
+    assert weight_shapes(shape) == {"qweight": (2, 96, 8), "meta": (2, 96, 4), "scales": (2, 96, 4),
+                                    "zeros": (2, 96, 4)}
+    bad = [({"x": (5, 64)}, {}, "x must be"), ({"base_out": (5, 95)}, {}, "base_out must be"),
+           ({}, {"base_out": torch.float32}, "share one dtype"), ({"meta": (2, 96, 8)}, {}, "meta must be"),
+           ({}, {"scales": torch.float32}, "scales must be"), ({"seg_start": (2,)}, {}, "seg_start"),
+           ({}, {"x": torch.int8, "base_out": torch.int8}, "share one dtype")]
+    for shapes, dtypes, message in bad:
+        with pytest.raises(PluginError, match=message):
+            check_inputs(shape, good_shapes | shapes, good_dtypes | dtypes)
+
+
+def test_launch_grid_and_segments():
+    assert launch_grid(3, 96, 32, 4) == (3, 3, 4)
+    assert m_splits_for(1, 16, 64) == 1 and m_splits_for(2048, 16, 64) == 64 and m_splits_for(40, 16, 64) == 3
+    seg = batch_segments(torch.tensor([1, -1, 0, 1], dtype=torch.int32))
+    assert seg["sorted_rows"].tolist() == [2, 0, 3]
+    assert seg["seg_start"].tolist() == [0, 1, 3] and seg["seg_slot"].tolist() == [0, 1]
+    assert all(t.dtype == torch.int32 for t in seg.values())
+
+
+def test_aot_ptx_for_sm80_and_sm90a_matches_the_plugin_abi():
+    kernels = plugin_kernels(bits=2, group_size=128, sparse24=True, dtype="fp16")
+    assert set(kernels) == {"sm_80", "sm_90a"}
+    for target, kernel in kernels.items():
+        assert f".target {target}" in kernel.ptx
+        assert kernel.mma_instructions, f"{target}: no tensor-core mma in the PTX"
+        assert kernel.spill_bytes == 0
+        # .entry params: the plugin's inputs + extra args + Triton's two scratch pointers
+        entry = kernel.ptx[kernel.ptx.index(f".entry {kernel.name}("):]
+        params = entry[: entry.index(")")].count(".param")
+        assert params == len(kernel.signature) + 2
+    broken = kernels["sm_80"]
+    broken.signature = list(reversed(broken.signature))
+    with pytest.raises(PluginError, match="do not match the plugin order"):
+        check_aot_kernel(broken)
+
+
+def test_registration_fails_clearly_without_tensorrt():
+    try:
+        importlib.import_module("tensorrt")
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorrt is installed: tests/gpu covers registration")
+    with pytest.raises(DeltazipError, match=r"needs TensorRT >= 10.9 .* not available here"):
+        importlib.import_module("deltazip.plugins.registration")
+
+
+def test_trtllm_build_stops_at_once_without_tensorrt_llm(tmp_path):
+    from deltazip.builder.trtllm import build_trtllm
+
+    if importlib.util.find_spec("tensorrt_llm") is not None:
+        pytest.skip("tensorrt_llm is installed: tests/gpu covers the engine build")
+    with pytest.raises(DeltazipError, match="needs TensorRT-LLM 1.2.x, which is not available here"):
+        build_trtllm(tmp_path / "no-base", [tmp_path / "no.dz"], tmp_path / "out", tp=2)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
