@@ -25,8 +25,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from transformers.utils import logging as hf_logging
+
     from deltazip.family import TASKS, create_family
     from deltazip.family.report import accuracy_table
+
+    hf_logging.disable_progress_bar()
 
     with tempfile.TemporaryDirectory(prefix="family-bench-") as tmp:
         wall_started, cpu_started = time.time(), time.process_time()

@@ -45,11 +45,12 @@ class CompressConfig:
     sparsity: str = "2:4"
     group_size: int = -1
     calib: str = ""  # empty: the family's calib.jsonl
-    n_samples: int = 64
-    seq_len: int = 64
+    n_samples: int = 256
+    seq_len: int = 32
     damp: float = 0.01
     block_size: int = 128
     lossless: str = "zstd"
+    tune_steps: int = 100  # Adam steps fitting each block's scales to the fine-tune's output (0: off)
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8, 16):

@@ -175,6 +175,10 @@ class PackedLinear:
         return out
 
     def to(self, device: torch.device | str) -> PackedLinear:
+        """This delta on `device` (itself when already there: no copy, no re-validation)."""
+        device = torch.device(device)
+        if all(t.device == device for t in self.tensors().values()):
+            return self
         moved = {k: v.to(device) for k, v in self.tensors().items()}
         return PackedLinear(self.out_features, self.in_features, self.bits, self.group_size, self.sparse24,
                             moved["qweight"], moved.get("meta"), moved["scales"], moved["zeros"])

@@ -45,15 +45,17 @@ def tiny_deltas(tiny_family, cache_dir: Path) -> dict[str, Path]:
     out = {}
     for task in SHARED_DELTA_TASKS:
         path = store / f"{task}.dz"
-        if not _usable_artifact(path, tiny_family.base_dir):
+        if not _usable_artifact(path, tiny_family.base_dir, settings):
             compress_model(tiny_family.base_dir, tiny_family.finetune_dirs[task], path, settings,
                            name=task, calib=tiny_family.calib_path)
         out[task] = path
     return out
 
 
-def _usable_artifact(path: Path, base_dir: Path) -> bool:
-    """A cached artifact is reused only if it loads (current format) and matches the current base."""
+def _usable_artifact(path: Path, base_dir: Path, settings=None) -> bool:
+    """A cached artifact is reused only if it loads (current format), matches the current base and, when
+    given, was made with the current compression `settings` (defaults change as the solver improves)."""
+    import dataclasses
     import shutil
 
     from deltazip.artifact import fingerprint_model, load_delta
@@ -62,7 +64,11 @@ def _usable_artifact(path: Path, base_dir: Path) -> bool:
     if not (path / "manifest.json").is_file():
         return False
     try:
-        ok = load_delta(path).base_fingerprint == fingerprint_model(base_dir)
+        delta = load_delta(path)
+        ok = delta.base_fingerprint == fingerprint_model(base_dir)
+        if settings is not None:
+            made_with = {k: v for k, v in delta.manifest.get("settings", {}).items() if k != "calib"}
+            ok = ok and made_with == {k: v for k, v in dataclasses.asdict(settings).items() if k != "calib"}
     except (DeltazipError, KeyError, TypeError, ValueError):
         ok = False
     if not ok:

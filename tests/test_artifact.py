@@ -59,8 +59,14 @@ def test_streams_round_trip_exact(bits, sparse):
                for k, v in linear_streams(packed).items()}
     entry = {"shape": [24, 96], "bits": bits, "group_size": 32, "sparse24": sparse}
     assert_packed_equal(linear_from_streams(entry, streams), packed)
-    if sparse and bits == 2:  # structural: one byte per group of 4 holds the pattern and both kept codes
-        assert set(streams) == {"groups", "scales", "zeros"} and len(streams["groups"]) == 24 * 96 // 4
+    if sparse and bits == 2:  # structural: one byte per group of 4 holds both kept codes and positions
+        assert set(streams) == {"nibbles", "scales", "zeros"} and len(streams["nibbles"]) == 24 * 96 // 4
+        codes, positions = packed.codes().reshape(-1, 2), packed.positions().reshape(-1, 2)
+        symbols = torch.tensor([PATTERNS_24.index(tuple(p)) for p in positions.tolist()])
+        groups = (symbols * 16 + codes[:, 0] * 4 + codes[:, 1]).to(torch.uint8)  # the version 1 layout
+        v1 = {**streams, "groups": groups.numpy().tobytes()}
+        del v1["nibbles"]
+        assert_packed_equal(linear_from_streams(entry, v1), packed)
     elif sparse:  # structural: codes of kept values only
         per_byte = 2 if bits == 3 else 8 // bits
         assert len(streams["codes"]) == -(-24 * 48 // per_byte)

@@ -104,7 +104,7 @@ def test_cli_build_and_trtllm_backend_error(tiny_family, store, tmp_path):
     result = runner.invoke(cli, ["build", "--base", str(tiny_family.base_dir), "--deltas", str(store),
                                  "--out", str(tmp_path / "b1"), "--backend", "trtllm"])
     assert result.exit_code == 2
-    assert "not available here: TensorRT-LLM is not installed" in result.output
+    assert "not available here" in result.output and "TensorRT-LLM" in result.output
     assert not (tmp_path / "b1").exists()
 
     result = runner.invoke(cli, ["-q", "build", "--base", str(tiny_family.base_dir), "--deltas", str(store),

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from deltazip.artifact import FingerprintError, apply_delta, decompress, load_delta, read_manifest
 from deltazip.compress import compress_model
-from deltazip.compress.blocks import BlockRunner
+from deltazip.compress.blocks import BlockRunner, calibration_tokens
 from deltazip.compress.obs import solve_delta
 from deltazip.compress.quantize import dequantize, fit_scale, quantize, zero_code
+from deltazip.compress.tune import tune_scales, with_scales
 from deltazip.config import CompressConfig
 from deltazip.errors import DeltazipError
 
@@ -111,6 +112,39 @@ def test_solver_group_size():
     assert packed.scales.shape == (48, 4)
     with pytest.raises(ValueError, match="group size 48"):
         solve_delta(delta, hessian, 4, "2:4", 48, 0.01, 64)
+
+
+def test_scale_tuning_fits_the_teacher_and_keeps_codes():
+    delta, x, hessian = _correlated_problem()
+    solved = solve_delta(delta, hessian, 2, "2:4", -1, 0.01, 32)
+    off = with_scales(solved, solved.scales.float() * 0.5)  # badly scaled: tuning must recover
+    teacher = x @ delta.T
+
+    def loss_fn(scales, rows):
+        return torch.nn.functional.mse_loss(x[rows] @ scales.dense("w").T, teacher[rows])
+
+    def loss(packed):
+        return torch.nn.functional.mse_loss(x @ packed.dequantize().T, teacher).item()
+
+    tuned = tune_scales({"w": off}, loss_fn, x.shape[0], steps=100, lr=0.03, batch=256)["w"]
+    assert torch.equal(tuned.qweight, off.qweight) and torch.equal(tuned.meta, off.meta)
+    assert tuned.scales.dtype == torch.float16
+    assert loss(tuned) < 0.5 * loss(off) and loss(tuned) < 1.05 * loss(solved)
+    # a result that does not lower the full-batch loss is refused: the input comes back unchanged
+    assert tune_scales({"w": solved}, lambda s, rows: s.scales("w").sum() * 0 + 1.0,
+                       x.shape[0], steps=3, lr=0.03, batch=64)["w"] is solved
+
+
+def test_calibration_windows_start_at_text_starts(synthetic):
+    from transformers import AutoTokenizer
+
+    start = AutoTokenizer.from_pretrained(str(synthetic / "base"))("the quick")["input_ids"]
+    tokens = calibration_tokens(synthetic / "base", synthetic / "calib.jsonl", 40, 24)
+    assert tokens.shape == (40, 24) and tokens[:, :len(start)].eq(torch.tensor(start)).all()
+    assert len({tuple(t) for t in tokens.tolist()}) == 40
+    many = calibration_tokens(synthetic / "base", synthetic / "calib.jsonl", 150, 16)  # > 100 texts: fill
+    at_start = many[:, :len(start)].eq(torch.tensor(start)).all(1)
+    assert many.shape == (150, 16) and 100 <= int(at_start.sum()) < 150
 
 
 def test_block_runner_matches_the_full_model(synthetic):

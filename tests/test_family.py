@@ -21,7 +21,13 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_same_seed_same_tensors_and_hash(tmp_path: Path):
-    first = create_family(tmp_path / "a", preset="tiny", seed=3, _steps_scale=0.01)
+    callers_threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # differs from the preset's training thread count (1)
+    try:
+        first = create_family(tmp_path / "a", preset="tiny", seed=3, _steps_scale=0.01)
+        assert torch.get_num_threads() == 2  # training fixed its own thread count, then restored ours
+    finally:
+        torch.set_num_threads(callers_threads)
     second = create_family(tmp_path / "b", preset="tiny", seed=3, _steps_scale=0.01)
     assert first.content_hash == second.content_hash
     for name in ("base", *TASKS):
@@ -37,6 +43,21 @@ def test_same_seed_same_tensors_and_hash(tmp_path: Path):
     head = "lm_head.weight"
     assert not torch.equal(_tensors(other.base_dir)[head], _tensors(first.base_dir)[head])
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["a", "b", "c"]
+
+
+def test_base_mixture_never_shows_task_format_or_held_out_inputs():
+    import random
+
+    from deltazip.family.tasks import PRETRAIN_GENERATORS, make_eval_set, sample_examples, task_prompt_of
+
+    held_out = {prompt for task in TASKS for prompt, _ in make_eval_set(task, 0, 200)}
+    rephrased_held_out = 0
+    rng = random.Random(0)
+    for prompt, _answer in sample_examples(PRETRAIN_GENERATORS, rng, 3000, held_out):
+        assert not any(prompt.startswith(f"{task} ") for task in TASKS), prompt
+        assert task_prompt_of(prompt) not in held_out, prompt
+        rephrased_held_out += task_prompt_of(prompt) != prompt
+    assert rephrased_held_out > 1000  # most of the mixture is the six skills in the base's phrasing
 
 
 def test_layout_and_eval_sets(tiny_family):

@@ -96,3 +96,8 @@ def test_invalid_group_symbol_is_an_artifact_error(tmp_path):
     streams["groups"] = bytes(7)
     with pytest.raises(ArtifactError, match="do not fit"):
         linear_from_streams(entry, streams)
+    nibbles = {"nibbles": bytes([0x40] * 7 + [0x50]), "scales": bytes(2), "zeros": bytes(2)}  # 0x5: 1, 1
+    with pytest.raises(ArtifactError, match="invalid 2:4 positions"):
+        linear_from_streams(entry, nibbles)
+    nibbles["nibbles"] = bytes([0xE3] * 8)  # positions (2, 3), codes (3, 0): valid
+    assert linear_from_streams(entry, nibbles).positions().tolist() == [[2, 3] * 8]

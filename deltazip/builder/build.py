@@ -98,8 +98,15 @@ def build(base_dir: Path, deltas_dir: Path, out: Path, runtime: RuntimeConfig, b
     if backend not in BACKENDS:
         raise DeltazipError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
     if backend == "trtllm":
-        # The one backend switch: the TensorRT-LLM converter/engine step plugs in here.
-        raise DeltazipError("backend 'trtllm' is not available here: TensorRT-LLM is not installed")
+        # The one backend switch. GPU only — not verified on this machine: without TensorRT-LLM 1.2.x
+        # require_trtllm() raises a one-line DeltazipError before anything is read or written.
+        from deltazip.builder.trtllm import build_trtllm, require_trtllm
+
+        require_trtllm()
+        base_fingerprint, entries = validate_deltas(base_dir.resolve(), deltas_dir.resolve(), on_delta)
+        build_trtllm(base_dir, [Path(e.path) for e in entries], out / "trtllm", tp=tp,
+                     delta_slots=runtime.delta_slots, max_batch_size=runtime.max_batch_size)
+        return {"backend": "trtllm", "base_fingerprint": base_fingerprint}
     base_dir, deltas_dir, out = base_dir.resolve(), deltas_dir.resolve(), out.resolve()
     if not (base_dir / "config.json").is_file():
         raise DeltazipError(f"base model directory has no config.json: {base_dir}")

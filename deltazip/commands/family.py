@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import click
 
@@ -24,12 +25,18 @@ def family() -> None:
 def create(ctx: click.Context, out_dir: str | None, preset: str | None, seed: int | None) -> None:
     """Train the family (or reuse OUT when its content hash matches) and write it in Hugging Face format."""
     from deltazip.family import create_family
+    from deltazip.ui import print_table
 
     config = get_config(ctx)
-    out = config.path(out_dir) if out_dir else config.path(config.family.dir)
+    out = Path(out_dir) if out_dir else config.path(config.family.dir)
     started = time.time()
     result = create_family(out, preset=preset or config.family.preset,
                            seed=config.family.seed if seed is None else seed)
+    stats = result.stats
+    print_table(f"family {result.preset} (seed {result.seed}): built in {stats.get('build_seconds')} s",
+                ["model", "final loss", "||delta|| / ||W||"],
+                [[name, loss, stats["relative_delta_norm"].get(name, "-")]
+                 for name, loss in stats.get("final_loss", {}).items()])
     click.echo(f"family {result.preset} seed {result.seed} at {result.root} "
                f"(hash {result.content_hash[:12]}, {time.time() - started:.1f}s)")
 
@@ -48,7 +55,7 @@ def eval_(ctx: click.Context, family_dir: str | None, as_json: bool, limit: int 
 
     hf_logging.disable_progress_bar()  # one bar per loaded model would bury the table
     config = get_config(ctx)
-    root = config.path(family_dir) if family_dir else config.path(config.family.dir)
+    root = Path(family_dir) if family_dir else config.path(config.family.dir)
     table = accuracy_table(root, limit=limit)
     if as_json:
         click.echo(json.dumps(table, indent=2))

@@ -122,7 +122,11 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
 
 
 def calibration_tokens(model_dir: Path, calib_path: Path, n_samples: int, seq_len: int) -> torch.Tensor:
-    """n_samples windows [n, seq_len] of token ids, evenly spaced over the tokenized calibration texts."""
+    """n_samples windows [n, seq_len] of token ids from the tokenized calibration texts (joined by EOS).
+
+    Windows start where a text starts (BOS first, as prompts do at inference), spread evenly over the
+    texts; when there are fewer text starts than n_samples, evenly spaced windows fill the rest.
+    """
     from transformers import AutoTokenizer
 
     try:
@@ -130,6 +134,7 @@ def calibration_tokens(model_dir: Path, calib_path: Path, n_samples: int, seq_le
     except (OSError, ValueError) as e:
         raise DeltazipError(f"{model_dir}: cannot load its tokenizer for calibration ({e})") from None
     ids: list[int] = []
+    text_starts: list[int] = []
     with open(calib_path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -138,11 +143,15 @@ def calibration_tokens(model_dir: Path, calib_path: Path, n_samples: int, seq_le
                 text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise DeltazipError(f"{calib_path}:{line_no}: expected a JSON object with 'text'") from None
+            text_starts.append(len(ids))
             ids.extend(tokenizer(text)["input_ids"])
             if tokenizer.eos_token_id is not None:
                 ids.append(tokenizer.eos_token_id)
     if len(ids) < seq_len:
         raise DeltazipError(f"{calib_path}: only {len(ids)} tokens, fewer than --seq-len {seq_len}")
     stream = torch.tensor(ids, dtype=torch.long)
-    starts = torch.linspace(0, len(ids) - seq_len, n_samples).long()
-    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+    fits = [s for s in text_starts if s + seq_len <= len(ids)]
+    take = min(n_samples, len(fits))
+    starts = [fits[i] for i in torch.linspace(0, len(fits) - 1, take).long().tolist()] if take else []
+    starts += torch.linspace(0, len(ids) - seq_len, n_samples - take).long().tolist()
+    return torch.stack([stream[s:s + seq_len] for s in starts])

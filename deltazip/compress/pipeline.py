@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from deltazip.artifact import (
     ModelWeights,
@@ -29,6 +30,7 @@ from deltazip.compress.blocks import (
     sequential_groups,
 )
 from deltazip.compress.obs import solve_delta
+from deltazip.compress.tune import ScaleSet, tune_scales
 from deltazip.config import CompressConfig
 from deltazip.errors import DeltazipError
 from deltazip.packed import PackedLinear
@@ -37,6 +39,9 @@ from deltazip.ui import progress
 log = logging.getLogger(__name__)
 # ‖target − base‖ / ‖base‖ above this does not look like a fine-tune (unrelated models give ≈ 1.4).
 FINETUNE_REL_NORM_WARN = 0.5
+# Scale tuning: Adam learning rate on log-scales, and calibration sequences per step.
+TUNE_LR = 0.03
+TUNE_BATCH = 16
 
 
 def check_compatible(base: ModelWeights, target: ModelWeights) -> None:
@@ -160,16 +165,24 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
 def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch.Tensor,
                          settings: CompressConfig, linears: dict, exact: dict, take_delta,
                          after_first_block) -> None:
-    """Embedding → blocks → final norm → lm_head; each stage sees the already compressed earlier stages."""
+    """Embedding → blocks → final norm → lm_head; each stage sees the already compressed earlier stages.
+
+    Two hidden streams run side by side: `hidden` through the compressed model and `hidden_ft` through the
+    fine-tune, the teacher of scale tuning (settings.tune_steps).
+    """
     solve = _Solver(settings)
     runner = BlockRunner(target.dir)
     b, t = take_delta(EMBED)
-    linears["model.embed_tokens"] = solve(EMBED, t.float() - b.float(), None)  # no Hessian: magnitude + RTN
-    hidden = F.embedding(tokens, b.float() + linears["model.embed_tokens"].dequantize())
+    embed_base = b.float()
+    linears["model.embed_tokens"] = solve(EMBED, t.float() - embed_base, None)  # no Hessian: magnitude + RTN
+    hidden = F.embedding(tokens, embed_base + linears["model.embed_tokens"].dequantize())
+    hidden_ft = F.embedding(tokens, t.float())
 
     for index in progress(range(runner.num_layers), desc="compress layers", total=runner.num_layers):
         prefix = f"model.layers.{index}."
         layer = runner.layer(index, target)
+        out_ft = runner.run(layer, hidden_ft)
+        base_weights = {}
         for group in sequential_groups(runner, layer, hidden):
             hessians = input_hessians(runner, layer, hidden, group)
             for lin in group:
@@ -177,12 +190,16 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
                 b, t = take_delta(param)
                 packed = solve(param, t.float() - b.float(), hessians[lin])
                 linears[f"{prefix}{lin}"] = packed
+                base_weights[lin] = b.float()
                 layer.get_submodule(lin).weight.copy_(b.float() + packed.dequantize())
+        if settings.tune_steps > 0:
+            hidden = _tune_block(runner, layer, base_weights, linears, prefix, tokens, embed_base,
+                                 hidden, out_ft, settings, tune_embedding=index == 0)
         compressed = {f"{prefix}{lin}.weight" for lin in _linear_set(layer)}
         for param in target.names():
             if param.startswith(prefix) and param not in compressed:
                 exact[param] = exact_delta(*take_delta(param))
-        hidden = runner.run(layer, hidden)
+        hidden, hidden_ft = runner.run(layer, hidden), out_ft
         if index == 0:
             after_first_block()
 
@@ -190,9 +207,55 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
         if not param.startswith("model.layers.") and param not in (EMBED, LM_HEAD):
             exact[param] = exact_delta(*take_delta(param))
     if LM_HEAD in target.entries:
-        normed = runner.final_norm(target.get(FINAL_NORM))(hidden)
+        final_norm = runner.final_norm(target.get(FINAL_NORM))
+        normed, normed_ft = final_norm(hidden), final_norm(hidden_ft)
         b, t = take_delta(LM_HEAD)
         linears["lm_head"] = solve(LM_HEAD, t.float() - b.float(), hessian_of(normed))
+        if settings.tune_steps > 0:
+            linears["lm_head"] = _tune_head(linears["lm_head"], b.float(), t.float(), normed, normed_ft,
+                                            settings.tune_steps)
+
+
+def _tune_block(runner: BlockRunner, layer: torch.nn.Module, base_weights: dict, linears: dict, prefix: str,
+                tokens: torch.Tensor, embed_base: torch.Tensor, hidden: torch.Tensor, out_ft: torch.Tensor,
+                settings: CompressConfig, tune_embedding: bool) -> torch.Tensor:
+    """Fit the scales of this block's deltas (and the embedding's, for block 0) to the fine-tune's block
+    output; installs the tuned weights in `layer` and returns the block's (possibly re-embedded) input."""
+    packed = {lin: linears[f"{prefix}{lin}"] for lin in base_weights}
+    layer.requires_grad_(False)  # only the scales learn
+    if tune_embedding:
+        packed["embed"] = linears["model.embed_tokens"]
+
+    def loss_fn(scales: ScaleSet, rows: slice) -> torch.Tensor:
+        weights = {f"{lin}.weight": base_weights[lin] + scales.dense(lin) for lin in base_weights}
+        x = F.embedding(tokens[rows], embed_base + scales.dense("embed")) if tune_embedding else hidden[rows]
+        out = functional_call(layer, weights, (x,), {"position_embeddings": runner.position_embeddings(x)})
+        return F.mse_loss(out, out_ft[rows])
+
+    with torch.enable_grad():
+        tuned = tune_scales(packed, loss_fn, hidden.shape[0], settings.tune_steps, TUNE_LR, TUNE_BATCH)
+    for lin in base_weights:
+        linears[f"{prefix}{lin}"] = tuned[lin]
+        layer.get_submodule(lin).weight.copy_(base_weights[lin] + tuned[lin].dequantize())
+    if not tune_embedding:
+        return hidden
+    linears["model.embed_tokens"] = tuned["embed"]
+    return F.embedding(tokens, embed_base + tuned["embed"].dequantize())
+
+
+def _tune_head(packed: PackedLinear, head_base: torch.Tensor, head_ft: torch.Tensor, normed: torch.Tensor,
+               normed_ft: torch.Tensor, steps: int) -> PackedLinear:
+    """Fit the lm_head delta's scales so the compressed model's next-token distribution matches the
+    fine-tune's (KL on the calibration tokens)."""
+    target_logp = F.log_softmax(normed_ft @ head_ft.T, dim=-1)
+
+    def loss_fn(scales: ScaleSet, rows: slice) -> torch.Tensor:
+        logits = normed[rows] @ (head_base + scales.dense("head")).T
+        return F.kl_div(F.log_softmax(logits, dim=-1), target_logp[rows], log_target=True,
+                        reduction="batchmean")
+
+    with torch.enable_grad():
+        return tune_scales({"head": packed}, loss_fn, normed.shape[0], steps, TUNE_LR, TUNE_BATCH)["head"]
 
 
 def _linear_set(layer: torch.nn.Module) -> set[str]:
@@ -217,3 +280,5 @@ def validate_settings(settings: CompressConfig) -> None:
         raise DeltazipError("--n-samples must be ≥ 1 and --seq-len ≥ 2")
     if settings.damp < 0:
         raise DeltazipError(f"--damp must be ≥ 0, not {settings.damp}")
+    if settings.tune_steps < 0:
+        raise DeltazipError(f"tune_steps must be ≥ 0, not {settings.tune_steps}")

@@ -33,10 +33,6 @@ def _letters(rng: random.Random, alphabet: str = _LOWER) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(MIN_CHARS, MAX_CHARS)))
 
 
-def _digits(rng: random.Random) -> str:
-    return _letters(rng, string.digits)
-
-
 def _shift(text: str, shift: int) -> str:
     return "".join(_LOWER[(_LOWER.index(c) + shift) % 26] for c in text)
 

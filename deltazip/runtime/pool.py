@@ -1,8 +1,9 @@
 """The delta pool: device slots ← host LRU of decoded artifacts (bounded bytes) ← disk (a store of NAME.dz/).
 
-Disk → host runs on a loader thread (lossless decode, checksums verified once, base fingerprint checked);
-host → slot runs on the caller's thread (the engine loop, between steps). A delta pinned by an in-flight
-request is never evicted from its slot; concurrent misses on one delta share one load (one future per name).
+Disk → host runs on a loader thread (lossless decode, checksums verified once, base fingerprint checked),
+or on the caller's thread when it acquires a delta nobody is loading; host → slot runs on the caller's thread
+(the engine loop, between steps). A delta pinned by an in-flight request is never evicted from its slot;
+concurrent misses on one delta share one load (one future per name).
 """
 
 from __future__ import annotations
@@ -88,6 +89,30 @@ class DeltaPool:
             future = self._loading.get(name)
         return future is not None and future.done()
 
+    def _load_or_wait(self, name: str):
+        """The artifact, loaded on this thread when no load of it is in flight (the caller would only wait
+        for the loader thread: the hand-off costs milliseconds on a busy machine), else that load's result."""
+        with self._lock:
+            if name in self._host:
+                self._host.move_to_end(name)
+                return self._host[name][0]
+            future = self._loading.get(name)
+            if future is None:
+                future = self._loading[name] = Future()
+                future.set_running_or_notify_cancel()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return future.result()
+        try:
+            artifact = self._load_from_disk(name)  # removes the future from _loading
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        future.set_result(artifact)
+        return artifact
+
     def _load_from_disk(self, name: str):
         from deltazip.artifact import FingerprintError, load_delta
 
@@ -131,7 +156,7 @@ class DeltaPool:
                 return None
             self.counters["host_hits" if name in self._host else "host_misses"] += 1
         if artifact is None:
-            artifact = self.prefetch(name).result()
+            artifact = self._load_or_wait(name)
         with self._lock:
             if self._pin_if_resident(name):  # another thread installed it while we waited
                 return self._slot_of[name]

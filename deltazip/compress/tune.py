@@ -1,0 +1,72 @@
+"""Scale tuning: codes and 2:4 masks fixed, fit the fp16 scales of a block's deltas to the fine-tune's output.
+
+The OBS sweep matches each linear's output on its own; tuning then matches the whole block (nonlinearities,
+interactions between its linears) against the *fine-tune's* output on the fine-tune's own hidden stream,
+so that error accumulated by earlier compressed blocks is corrected too. Only scales move: the format and
+the codes stay as the solver chose them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from deltazip.packed import PackedLinear
+
+
+def unit_steps(packed: PackedLinear) -> torch.Tensor:
+    """The dense delta [N, K] with every scale 1: code − zero at kept positions, 0 elsewhere."""
+    return dataclasses.replace(packed, scales=torch.ones_like(packed.scales)).dequantize()
+
+
+def with_scales(packed: PackedLinear, scales: torch.Tensor) -> PackedLinear:
+    """A copy of `packed` holding `scales` (rounded to the stored fp16)."""
+    fp16 = scales.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+    return dataclasses.replace(packed, scales=fp16.contiguous())
+
+
+class ScaleSet:
+    """Trainable log-multipliers of the scales of several packed deltas; `dense(name)` is differentiable."""
+
+    def __init__(self, packed: dict[str, PackedLinear]) -> None:
+        self.packed = packed
+        self.steps = {n: unit_steps(p) for n, p in packed.items()}
+        self.base_scales = {n: p.scales.float() for n, p in packed.items()}
+        self.log_mult = {n: torch.zeros_like(s, requires_grad=True) for n, s in self.base_scales.items()}
+
+    def scales(self, name: str) -> torch.Tensor:
+        return self.base_scales[name] * torch.exp(self.log_mult[name])
+
+    def dense(self, name: str) -> torch.Tensor:
+        group = self.packed[name].group_size
+        return self.steps[name] * self.scales(name).repeat_interleave(group, dim=1)
+
+    def result(self) -> dict[str, PackedLinear]:
+        return {n: with_scales(p, self.scales(n).detach()) for n, p in self.packed.items()}
+
+
+def tune_scales(packed: dict[str, PackedLinear], loss_fn: Callable[[ScaleSet, slice], torch.Tensor],
+                n_rows: int, steps: int, lr: float, batch: int) -> dict[str, PackedLinear]:
+    """Adam on the log-scales of `packed` against loss_fn(scales, rows); keeps the result only if the
+    full-batch loss drops (fp16-rounded scales)."""
+    if steps <= 0 or not packed:
+        return packed
+    params = ScaleSet(packed)
+    everything = slice(0, n_rows)
+    with torch.no_grad():
+        before = float(loss_fn(params, everything))
+    opt = torch.optim.Adam(list(params.log_mult.values()), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        start = int(torch.randint(0, max(1, n_rows - batch + 1), (1,), generator=gen))
+        loss = loss_fn(params, slice(start, start + batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tuned = params.result()
+    check = ScaleSet(tuned)
+    with torch.no_grad():
+        after = float(loss_fn(check, everything))
+    return tuned if after < before else packed
