@@ -18,18 +18,7 @@ from deltazip.converters.names import trt_target
 from deltazip.converters.readers import read_delta_layout, read_trtllm_checkpoint
 from deltazip.converters.split import ModelShape, check_tp, qkv_rows, row_cols, slice_cols_packed
 from deltazip.errors import DeltazipError
-from deltazip.packed import PackedLinear
-
-PAIRS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
-
-
-def random_packed(n: int, k: int, bits: int, group: int, sparse: bool, gen: torch.Generator) -> PackedLinear:
-    """A random packed delta with valid 2:4 positions and small scales."""
-    codes = torch.randint(0, 2**bits, (n, k // 2 if sparse else k), generator=gen)
-    positions = PAIRS[torch.randint(0, 6, (n, k // 4), generator=gen)].reshape(n, k // 2) if sparse else None
-    scales = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
-    zeros = torch.randint(0, 2**bits, (n, k // group), generator=gen).float()
-    return PackedLinear.from_codes(codes, scales, zeros, bits, group, positions, in_features=k)
+from deltazip.kernels.synthetic import random_packed
 
 
 def tiny_llama(hidden: int = 128, intermediate: int = 384, vocab: int = 301, layers: int = 1, tied=False):

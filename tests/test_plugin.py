@@ -10,7 +10,7 @@ import torch
 
 from deltazip.errors import DeltazipError
 from deltazip.kernels import DeltaSlots, add_delta_matmul
-from deltazip.packed import PackedLinear
+from deltazip.kernels.synthetic import random_packed
 from deltazip.plugins.delta_gemm_plugin import (
     INPUT_NAMES,
     DeltaGemmShape,
@@ -25,16 +25,6 @@ from deltazip.plugins.delta_gemm_plugin import (
     plugin_weights,
     weight_shapes,
 )
-
-PAIRS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
-
-
-def random_packed(n: int, k: int, bits: int, group: int, sparse: bool, gen: torch.Generator) -> PackedLinear:
-    codes = torch.randint(0, 2**bits, (n, k // 2 if sparse else k), generator=gen)
-    positions = PAIRS[torch.randint(0, 6, (n, k // 4), generator=gen)].reshape(n, k // 2) if sparse else None
-    scales = torch.rand(n, k // group, generator=gen) * 0.05 + 1e-3
-    zeros = torch.randint(0, 2**bits, (n, k // group), generator=gen).float()
-    return PackedLinear.from_codes(codes, scales, zeros, bits, group, positions, in_features=k)
 
 
 def filled_slots(shape: DeltaGemmShape, seed: int = 0) -> DeltaSlots:
