@@ -25,6 +25,16 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}"
 
 
+def command_line(extra: list[str] | None = None) -> str:
+    """The command that is running now, as a user would retype it (thread setting included)."""
+    import sys
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
+    script = Path(sys.argv[0]).resolve().relative_to(RESULTS.parent.parent)
+    return " ".join([f"{prefix}.venv/bin/python {script}", *sys.argv[1:], *(extra or [])])
+
+
 def write_section(title: str, command: str, table_md: str, notes: str = "") -> Path:
     """Replace (or append) the `## title` section of RESULTS.md with the table, its command and machine."""
     date = datetime.date.today().isoformat()

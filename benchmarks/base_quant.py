@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks._results import markdown_table, write_section  # noqa: E402
+from benchmarks._results import command_line, markdown_table, write_section  # noqa: E402
 
 QUANTS = ("none", "w8a16", "w4a16_awq", "fp8")
 
@@ -114,7 +113,8 @@ def checkpoint_bytes(model, tp: int = 1) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", type=Path, default=REPO / ".deltazip" / "test-cache" / "family-tiny-s0")
-    parser.add_argument("--store", type=Path, default=REPO / ".deltazip" / "test-cache" / "deltas-tiny-s0")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="artifact store (default: the test cache's store for this family)")
     parser.add_argument("--tasks", default="reverse,sort,upper")
     parser.add_argument("--quants", default=",".join(QUANTS))
     parser.add_argument("--n-eval", type=int, default=100)
@@ -132,7 +132,8 @@ def main() -> None:
     family = create_family(args.family, preset="tiny", seed=0)
     tokenizer = AutoTokenizer.from_pretrained(str(family.base_dir))
     tasks = [t for t in args.tasks.split(",") if t]
-    deltas = {t: load_delta(artifact_for(family, t, args.store)) for t in tasks}
+    store = args.store or family.root.parent / f"deltas-tiny-s0-{family.content_hash[:12]}"
+    deltas = {t: load_delta(artifact_for(family, t, store)) for t in tasks}
     evals = {t: load_eval_set(family.eval_path(t))[: args.n_eval] for t in tasks}
     texts = read_calib_texts(family.calib_path, args.n_calib)
 
@@ -179,9 +180,7 @@ def main() -> None:
         "lm_head stay fp16 in every mode (modelopt excludes lm_head). The delta path does not change with "
         "the base quantization."
     )
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    cmd = f"OMP_NUM_THREADS={threads} .venv/bin/python benchmarks/base_quant.py " + " ".join(sys.argv[1:])
-    write_section("Quantized base + deltas (TensorRT-LLM base-quant)", cmd.strip(),
+    write_section("Quantized base + deltas (TensorRT-LLM base-quant)", command_line(),
                   markdown_table(columns, rows), notes)
 
 

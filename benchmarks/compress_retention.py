@@ -69,14 +69,13 @@ def main() -> None:
     print(f"SUMMARY {overrides} min_retention {min(r[3] for r in rows):.3f} "
           f"mean_ratio {sum(r[4] for r in rows) / len(rows):.2f}", flush=True)
     if args.write:
-        from benchmarks._results import markdown_table, write_section
+        from benchmarks._results import command_line, markdown_table, write_section
 
         table = markdown_table(
             ["task", "fine-tune EM", "delta EM", "retention", "ratio vs fp16", "bits/weight", "seconds"],
             [[r[0], f"{r[1]:.3f}", f"{r[2]:.3f}", f"{r[3]:.3f}", f"{r[4]:.2f}x", f"{r[5]:.3f}", f"{r[6]:.1f}"]
              for r in rows])
-        command = " ".join(["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compress_retention.py",
-                            *args.overrides, "--write"])
+        command = command_line()
         notes = f"settings: {dataclasses.asdict(settings)}; exact match on the full eval set of each task"
         write_section("Compression: retention per task (tiny)", command, table, notes)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks._results import markdown_table, write_section  # noqa: E402
+from benchmarks._results import command_line, markdown_table, write_section  # noqa: E402
 
 SETTINGS = {"2-bit 2:4": {"bits": 2, "sparsity": "2:4"}, "4-bit 2:4": {"bits": 4, "sparsity": "2:4"}}
 TARGET_RATIO = 12.0
@@ -89,7 +89,7 @@ def main() -> None:
     family = create_family(family_dir, preset=args.preset, seed=0)
     tasks = [t for t in args.tasks.split(",") if t] or list(family.tasks)
     baselines = tuple(b for b in args.baselines.split(",") if b)
-    command = " ".join(["OMP_NUM_THREADS=2 .venv/bin/python benchmarks/compression.py", *sys.argv[1:]])
+    command = command_line()
 
     comp_rows, reports = [], {}
     jobs = [(task, label) for task in tasks for label in SETTINGS]

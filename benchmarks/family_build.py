@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import markdown_table, write_section  # noqa: E402
+from _results import command_line, markdown_table, write_section  # noqa: E402
 
 
 def main() -> None:
@@ -49,9 +49,7 @@ def main() -> None:
              f"with other "
              f"jobs). Accuracy table (exact match, {len(TASKS)} tasks × {len(table)} models): "
              f"{eval_wall:.1f} s wall. Rows are models, columns tasks.")
-    command = (f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/family_build.py "
-               f"--preset {args.preset} --seed {args.seed}")
-    path = write_section(f"Family build: {args.preset}, seed {args.seed}", command, table_md, notes)
+    path = write_section(f"Family build: {args.preset}, seed {args.seed}", command_line(), table_md, notes)
     print(table_md)
     print(notes)
     print(f"written to {path}")

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks._results import markdown_table, write_section  # noqa: E402
+from benchmarks._results import command_line, markdown_table, write_section  # noqa: E402
 
 # (preset, layer, N, K): the tiny and small family presets' MLP shapes
 SHAPES = [("tiny", "up_proj", 384, 128), ("tiny", "down_proj", 128, 384),
@@ -117,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    command = f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kernel.py --repeats {args.repeats}"
+    command = command_line()
     torch.set_num_threads(1)
     rows = cpu_torch_path(args.repeats)
     table = markdown_table(["preset", "layer [N x K]", "distinct deltas", "base GEMM ms", "delta (torch) ms",

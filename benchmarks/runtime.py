@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import markdown_table, write_section  # noqa: E402
+from _results import command_line, markdown_table, write_section  # noqa: E402
 
 from deltazip.artifact import fingerprint_model, save_delta  # noqa: E402
 from deltazip.runtime.delta_linear import (  # noqa: E402
@@ -298,7 +298,7 @@ def main() -> None:
         decode_rows, resident_rows = bench_decode(base, store, root, args.steps, args.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    command = "OMP_NUM_THREADS=1 python benchmarks/runtime.py " + " ".join(sys.argv[1:])
+    command = command_line()
     notes = (f"Models: {source}. Torch runtime on CPU (torch path of add_delta_matmul), one thread; "
              "medians.")
     swap_md = markdown_table(["load", "bytes on disk", "ms (median)", "speed-up vs full (same cache state)"],
