@@ -76,14 +76,17 @@ def table_from_csv(csv_paths: list[Path]) -> str:
           ms(r, "Server Queue"), ms(r, "Server Compute Infer")] for r in rows])
 
 
-def run_genai_perf(binary: str, url: str, tokenizer: str, max_tokens: int, workdir: Path) -> str:
+def run_genai_perf(binary: str, perf_analyzer: str, url: str, tokenizer: str, max_tokens: int,
+                   workdir: Path) -> str:
     """Optional: genai-perf 0.0.16 (its own venv) for time to first token and inter-token latency."""
     command = [binary, "profile", "-m", "deltazip_llm", "--backend", "tensorrtllm",
                "--endpoint-type", "kserve", "--streaming", "-u", url, "--tokenizer", tokenizer,
                "--concurrency", "2", "--num-prompts", "20", "--request-count", "40",
                "--synthetic-input-tokens-mean", "8", "--synthetic-input-tokens-stddev", "0",
                "--output-tokens-mean", str(max_tokens), "--artifact-dir", str(workdir / "genai")]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # genai-perf runs the `perf_analyzer` on PATH: put the 2.51.0 one (the only one that runs here) first
+    path = f"{Path(perf_analyzer).resolve().parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=path)
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir, timeout=600)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
@@ -135,8 +138,10 @@ def main() -> None:
         table = table_from_csv(csv_paths)
         genai = ""
         if args.genai_perf:
-            tokenizer = args.tokenizer or manifest["inputs"]["base_dir"]
-            genai = run_genai_perf(args.genai_perf, url, tokenizer, args.max_tokens, Path(tmp))
+            # genai-perf takes a relative path for a hub repo id: always pass an absolute directory
+            tokenizer = str(Path(args.tokenizer or manifest["inputs"]["base_dir"]).resolve())
+            genai = run_genai_perf(args.genai_perf, args.perf_analyzer, url, tokenizer, args.max_tokens,
+                                   Path(tmp))
     print(table)
     if genai:
         print(genai)
