@@ -77,16 +77,23 @@ def table_from_csv(csv_paths: list[Path]) -> str:
 
 
 def run_genai_perf(binary: str, perf_analyzer: str, url: str, tokenizer: str, max_tokens: int,
-                   workdir: Path) -> str:
+                   workdir: Path, variants: list[str]) -> str:
     """Optional: genai-perf 0.0.16 (its own venv) for time to first token and inter-token latency."""
     command = [binary, "profile", "-m", "deltazip_llm", "--backend", "tensorrtllm",
                "--endpoint-type", "kserve", "--streaming", "-u", url, "--tokenizer", tokenizer,
                "--concurrency", "2", "--num-prompts", "20", "--request-count", "40",
                "--synthetic-input-tokens-mean", "8", "--synthetic-input-tokens-stddev", "0",
                "--output-tokens-mean", str(max_tokens), "--artifact-dir", str(workdir / "genai")]
-    # genai-perf runs the `perf_analyzer` on PATH: put the 2.51.0 one (the only one that runs here) first
-    path = f"{Path(perf_analyzer).resolve().parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=path)
+    # genai-perf runs the `perf_analyzer` on PATH: a shim fixes its `model` rows, then runs the 2.51.0 one
+    shim_dir = workdir / "shim"
+    shim_dir.mkdir()
+    shim = shim_dir / "perf_analyzer"
+    shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
+                    f"{shlex.quote(str(Path(__file__).with_name('_genai_pa_shim.py')))} \"$@\"\n")
+    shim.chmod(0o755)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{shim_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+               DELTAZIP_PA_BINARY=str(Path(perf_analyzer).resolve()),
+               DELTAZIP_PA_VARIANTS=json.dumps(variants))
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir, timeout=600)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
@@ -100,8 +107,9 @@ def run_genai_perf(binary: str, perf_analyzer: str, url: str, tokenizer: str, ma
                        ("request_latency", "request latency")):
         if key in stats:
             s = stats[key]
-            rows.append([label, s["avg"] / 1e6, s["p50"] / 1e6, s["p99"] / 1e6])
-    table = markdown_table(["genai-perf (c=2)", "avg ms", "p50 ms", "p99 ms"], rows)
+            per_ms = {"ms": 1.0, "us": 1e3, "ns": 1e6}[s.get("unit", "ms")]  # 0.0.16 writes "ms"
+            rows.append([label, s["avg"] / per_ms, s["p50"] / per_ms, s["p99"] / per_ms])
+    table = markdown_table(["genai-perf (c=2, base + every delta)", "avg ms", "p50 ms", "p99 ms"], rows)
     throughput = stats.get("output_token_throughput", {}).get("avg")
     note = f"\n\noutput tokens/s: {throughput:.1f}" if throughput else ""
     return f"{table}{note}\n\ngenai-perf command: `{shlex.join(command)}`"
@@ -141,7 +149,7 @@ def main() -> None:
             # genai-perf takes a relative path for a hub repo id: always pass an absolute directory
             tokenizer = str(Path(args.tokenizer or manifest["inputs"]["base_dir"]).resolve())
             genai = run_genai_perf(args.genai_perf, args.perf_analyzer, url, tokenizer, args.max_tokens,
-                                   Path(tmp))
+                                   Path(tmp), ["", *deltas])
     print(table)
     if genai:
         print(genai)

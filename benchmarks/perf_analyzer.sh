@@ -5,10 +5,8 @@
 #   benchmarks/perf_analyzer.sh [BUILD_DIR] [--concurrency 1:4:3] [--max-tokens 8] [--request-count 64]
 #                               [--url HOST:GRPC_PORT]            # a running server instead of starting one
 #                               [--genai-perf PATH --tokenizer DIR] # optional TTFT/ITL with genai-perf 0.0.16
-#
-# Known limit (seen here): genai-perf 0.0.16 writes `"model": "<model name>"` into every perf_analyzer
-# input-data row; deltazip_llm has an input named `model` (the delta name), so perf_analyzer rejects the
-# file ("Input data file is malformed") and the genai-perf option fails for this model as it stands.
+#   (genai-perf's own input rows carry `"model": "<model name>"`, which clashes with deltazip_llm's `model`
+#   input: benchmarks/_genai_pa_shim.py rewrites them to delta names before the real perf_analyzer runs.)
 #
 # BUILD_DIR defaults to [build].out of deltazip.toml. perf_analyzer needs libb64.so.0d and libcudart.so.12,
 # which the nvidia-pytriton wheel ships under other names: link them into $VENV/pa_libs (notes §9).
