@@ -7,6 +7,8 @@
 #                               [--genai-perf PATH --tokenizer DIR] # optional TTFT/ITL with genai-perf 0.0.16
 #   (genai-perf's own input rows carry `"model": "<model name>"`, which clashes with deltazip_llm's `model`
 #   input: benchmarks/_genai_pa_shim.py rewrites them to delta names before the real perf_analyzer runs.)
+#   genai-perf has heavy dependencies, so it lives in a venv of its own, e.g.
+#     python3 -m venv /tmp/gpvenv && /tmp/gpvenv/bin/pip install genai-perf==0.0.16 "numpy<2" "tritonclient[all]==2.51.0"
 #
 # BUILD_DIR defaults to [build].out of deltazip.toml. perf_analyzer needs libb64.so.0d and libcudart.so.12,
 # which the nvidia-pytriton wheel ships under other names: link them into $VENV/pa_libs (notes §9).
