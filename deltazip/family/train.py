@@ -60,7 +60,8 @@ PRESETS: dict[str, FamilyPreset] = {
                          num_attention_heads=8, num_key_value_heads=2),
     "small": FamilyPreset(
         "small", hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, base_lr=7e-4, finetune_lr=5e-4, base_steps=280, finetune_steps=25,
+        num_key_value_heads=2, base_lr=4e-4, finetune_lr=4e-4, base_steps=650, finetune_steps=40,
+        warmup_steps=10,
         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
 }
