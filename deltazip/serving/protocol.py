@@ -77,6 +77,15 @@ def validate_delta_name(name: str) -> str:
     return name
 
 
+# optional sampling inputs: name → (parser, validity check, the rule as the error states it)
+_SAMPLING_INPUTS = {
+    "temperature": (_float, lambda v: v >= 0, ">= 0"),
+    "top_p": (_float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (_int, lambda v: v >= 0, ">= 0"),
+    "seed": (_int, lambda v: v >= 0, ">= 0"),
+}
+
+
 def parse_inputs(inputs: dict[str, np.ndarray], max_tokens_limit: int) -> ParsedRequest:
     """Turn the request's input arrays (name → numpy) into a ParsedRequest; raise BadRequest on any fault."""
     unknown = sorted(set(inputs) - set(INPUT_NAMES))
@@ -99,26 +108,12 @@ def parse_inputs(inputs: dict[str, np.ndarray], max_tokens_limit: int) -> Parsed
         if not 1 <= max_tokens <= max_tokens_limit:
             raise BadRequest(f"max_tokens must be in [1, {max_tokens_limit}], got {max_tokens}")
         params["max_tokens"] = max_tokens
-    if "temperature" in inputs:
-        temperature = _float("temperature", inputs["temperature"])
-        if temperature < 0:
-            raise BadRequest(f"temperature must be >= 0, got {temperature}")
-        params["temperature"] = temperature
-    if "top_p" in inputs:
-        top_p = _float("top_p", inputs["top_p"])
-        if not 0 < top_p <= 1:
-            raise BadRequest(f"top_p must be in (0, 1], got {top_p}")
-        params["top_p"] = top_p
-    if "top_k" in inputs:
-        top_k = _int("top_k", inputs["top_k"])
-        if top_k < 0:
-            raise BadRequest(f"top_k must be >= 0, got {top_k}")
-        params["top_k"] = top_k
-    if "seed" in inputs:
-        seed = _int("seed", inputs["seed"])
-        if seed < 0:
-            raise BadRequest(f"seed must be >= 0, got {seed}")
-        params["seed"] = seed
+    for name, (parse, valid, rule) in _SAMPLING_INPUTS.items():
+        if name in inputs:
+            value = parse(name, inputs[name])
+            if not valid(value):
+                raise BadRequest(f"{name} must be {rule}, got {value}")
+            params[name] = value
     if "stop" in inputs:
         stop = [_text("stop", v) for v in inputs["stop"].reshape(-1)]
         params["stop"] = [s for s in stop if s]
