@@ -44,7 +44,7 @@ def with_delta(base_model, delta) -> object:
     """A copy of the (possibly fake-quantized) base with the delta applied beside each linear's GEMM."""
     import torch
 
-    from deltazip.artifact import decompress
+    from deltazip.format import decompress
 
     model = copy.deepcopy(base_model)
     modules = dict(model.named_modules())
@@ -124,9 +124,10 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from deltazip.artifact import load_delta
-    from deltazip.converters.base import load_base_model, quantize_base, read_calib_texts
+    from deltazip.compress.calibration import read_calib_texts
+    from deltazip.converters.base import load_base_model, quantize_base
     from deltazip.family import create_family, exact_match, load_eval_set
+    from deltazip.format import load_delta
 
     torch.manual_seed(0)
     family = create_family(args.family, preset="tiny", seed=0)

@@ -27,10 +27,10 @@ FAMILY = REPO / ".deltazip/test-cache/family-tiny-s0"  # the tests' cached famil
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deltazip.artifact import apply_delta, read_manifest
     from deltazip.compress import compress_model
     from deltazip.config import CompressConfig
     from deltazip.family import create_family, exact_match, load_eval_set
+    from deltazip.format import apply_delta, read_manifest
 
     parser = argparse.ArgumentParser()
     parser.add_argument("overrides", nargs="*")

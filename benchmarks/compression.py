@@ -80,7 +80,7 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from deltazip.compress.evaluate import evaluate_artifact
+    from deltazip.eval.report import evaluate_artifact
     from deltazip.family import create_family
     from deltazip.ui import progress
 

@@ -11,7 +11,7 @@
 #     python3 -m venv /tmp/gpvenv && /tmp/gpvenv/bin/pip install genai-perf==0.0.16 "numpy<2" "tritonclient[all]==2.51.0"
 #
 # BUILD_DIR defaults to [build].out of deltazip.toml. perf_analyzer needs libb64.so.0d and libcudart.so.12,
-# which the nvidia-pytriton wheel ships under other names: link them into $VENV/pa_libs (notes §9).
+# which the nvidia-pytriton wheel ships under other names: link them into $VENV/pa_libs.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}

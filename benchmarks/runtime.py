@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import command_line, markdown_table, write_section  # noqa: E402
 
-from deltazip.artifact import fingerprint_model, save_delta  # noqa: E402
+from deltazip.format import fingerprint_model, save_delta  # noqa: E402
 from deltazip.runtime.delta_linear import (  # noqa: E402
     clear_model_delta,
     enable_deltas,
@@ -304,7 +304,7 @@ def main() -> None:
     swap_md = markdown_table(["load", "bytes on disk", "ms (median)", "speed-up vs full (same cache state)"],
                              swap_rows)
     write_section(f"Runtime: cold swap-in vs full fine-tune load ({tag})", command, swap_md,
-                  f"{notes} {swap_note} Target (issue 4): cold swap-in ≥ 8x faster than the full load.")
+                  f"{notes} {swap_note} Target: cold swap-in ≥ 8x faster than the full load.")
     decode_md = markdown_table(["16 sequences on", "decode step ms", "ratio vs base"], decode_rows)
     write_section(f"Runtime: mixed-delta decode step ({tag})", command, decode_md,
                   notes + " Context 32 tokens per sequence, fp32. The CPU torch path dequantizes each "

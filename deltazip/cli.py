@@ -1,44 +1,37 @@
-"""The `deltazip` command: a click group whose subcommands are imported only when used."""
+"""The `deltazip` command: a click group of the commands in deltazip/commands/.
+
+Command modules import only click and the standard library at the top; each command imports what it
+needs (torch, transformers, the subsystem it drives) inside its function, so `deltazip --help` stays fast.
+"""
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import click
 
 from deltazip import __version__
-from deltazip.config import Config, load_config
+from deltazip.commands.build import build
+from deltazip.commands.client import client
+from deltazip.commands.compress import compress
+from deltazip.commands.context import LazyConfig, get_config
+from deltazip.commands.convert import convert
+from deltazip.commands.demo import demo
+from deltazip.commands.eval import eval_cmd
+from deltazip.commands.family import family
+from deltazip.commands.generate import generate
+from deltazip.commands.inspect import inspect
+from deltazip.commands.serve import serve
+from deltazip.commands.status import status
+from deltazip.commands.variants import variants
 from deltazip.errors import DeltazipError
 from deltazip.ui import set_verbosity
 
-# name -> "module:attribute" of a click command; loaded lazily so `deltazip --help` stays fast
-# and one subsystem's import cost is paid only by its own commands.
-COMMANDS: dict[str, str] = {
-    "family": "deltazip.commands.family:family",
-    "compress": "deltazip.commands.compress:compress",
-    "inspect": "deltazip.commands.inspect:inspect",
-    "eval": "deltazip.commands.eval:eval_cmd",
-    "convert": "deltazip.commands.convert:convert",
-    "generate": "deltazip.commands.generate:generate",
-    "build": "deltazip.commands.build:build",
-    "serve": "deltazip.commands.serve:serve",
-    "client": "deltazip.commands.client:client",
-    "demo": "deltazip.commands.demo:demo",
-}
+__all__ = ["cli", "get_config", "main"]
 
 
-class LazyGroup(click.Group):
-    """Resolves subcommands from COMMANDS on demand and turns DeltazipError into one line + exit 2."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
-            return None
-        module, attr = COMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attr)
+class DeltazipGroup(click.Group):
+    """A click group that turns DeltazipError into one line + exit 2, and Ctrl-C into exit 130."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -51,7 +44,7 @@ class LazyGroup(click.Group):
             ctx.exit(130)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DeltazipGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="deltazip")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="deltazip.toml to use (default: the nearest one, else built-in defaults).")
@@ -61,25 +54,12 @@ class LazyGroup(click.Group):
 def cli(ctx: click.Context, config_path: str | None, verbose: int, quiet: int) -> None:
     """deltazip: compress full fine-tunes into deltas against one base and serve them all together."""
     set_verbosity(verbose, quiet)
-    ctx.obj = _LazyConfig(config_path)
+    ctx.obj = LazyConfig(config_path)
 
 
-class _LazyConfig:
-    """Reads deltazip.toml the first time a command asks for it (so `--help` never fails on it)."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._config: Config | None = None
-
-    def get(self) -> Config:
-        if self._config is None:
-            self._config = load_config(self.path)
-        return self._config
-
-
-def get_config(ctx: click.Context) -> Config:
-    """The Config for the running command (from the group's --config)."""
-    return ctx.find_root().obj.get()
+for command in (build, client, compress, convert, demo, eval_cmd, family, generate, inspect, serve, status,
+                variants):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -94,10 +94,12 @@ class BuildConfig:
 class ServeConfig:
     """Defaults for `deltazip serve`; servers bind loopback unless told otherwise."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # tritonserver's HTTP, gRPC and metrics (keep its HTTP on loopback)
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    openai_host: str = "127.0.0.1"  # the OpenAI-compatible front (the one endpoint meant to be exposed)
+    openai_port: int = 8080  # 0 = a free port; -1 = no front
 
 
 @dataclass(frozen=True)

@@ -7,3 +7,19 @@ class DeltazipError(Exception):
 
 class ConfigError(DeltazipError):
     """deltazip.toml is missing, unreadable, or has an unknown key or a wrong type."""
+
+
+class ArtifactError(DeltazipError):
+    """An artifact that is malformed, of an unknown format or version, or missing a file."""
+
+
+class ChecksumError(ArtifactError):
+    """A file of the artifact does not match the size or sha256 in its manifest."""
+
+
+class FingerprintError(DeltazipError):
+    """The artifact was made against a different base model."""
+
+
+class RequestError(DeltazipError):
+    """A request that can never run as given (unknown delta, bad parameters, prompt too long)."""

@@ -37,13 +37,17 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.from_numpy(words).reshape(*lead, words.shape[-1])
 
 
-def unpack_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of pack_codes: int32 words [..., W] → int64 codes [..., count]."""
+def unpack_codes(words: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of pack_codes: int32 words [..., W] → codes [..., count] (int64 unless `dtype` says).
+
+    The one code-unpacking routine: on CPU it runs unpack_codes_np (a byte lookup table), elsewhere the same
+    shifts in torch int32 math. Kernels, converters and the artifact codec all unpack through here.
+    """
     if words.device.type != "cpu":
-        return _unpack_codes_torch(words, bits, count)
+        return _unpack_codes_torch(words, bits, count).to(dtype)
     *lead, w = words.shape
     codes = unpack_codes_np(words.detach().contiguous().reshape(math.prod(lead), w).numpy(), bits, count)
-    return torch.from_numpy(codes.astype(np.int64)).reshape(*lead, count)
+    return torch.from_numpy(codes).to(dtype).reshape(*lead, count)
 
 
 def pack_codes_np(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -72,7 +76,9 @@ def pack_codes_np(codes: np.ndarray, bits: int) -> np.ndarray:
 def unpack_codes_np(words: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of pack_codes_np: int32 words [R, W] → uint8 codes [R, count]."""
     rows, w = words.shape
-    if 8 % bits == 0:
+    if bits == 8:  # one code per byte: the words' little-endian bytes are the codes
+        codes = np.array(words, dtype="<i4", order="C").view(np.uint8).reshape(rows, w * 4)  # a copy
+    elif 8 % bits == 0:
         per = 8 // bits
         stream = np.ascontiguousarray(words).astype("<i4", copy=False).view(np.uint8)
         codes = _byte_lut(bits, per)[stream].view(np.uint8).reshape(rows, w * 4 * per)
@@ -111,11 +117,9 @@ def _pack_codes_torch(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpack_codes_torch(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """unpack_codes on a non-CPU device (plain torch int64 math)."""
-    vpw = codes_per_word(bits)
-    shifts = torch.arange(vpw, dtype=torch.int64, device=words.device) * bits
-    unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    codes = (unsigned.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    """unpack_codes on a non-CPU device: int32 shifts (arithmetic shift + mask = logical), int32 codes."""
+    shifts = torch.arange(codes_per_word(bits), dtype=torch.int32, device=words.device) * bits
+    codes = (words.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(*words.shape[:-1], -1)[..., :count]
 
 
@@ -123,6 +127,65 @@ def kept_dense_columns(positions: torch.Tensor) -> torch.Tensor:
     """2:4 positions [N, K/2] (0..3) → the dense column index of each kept value [N, K/2]."""
     j = torch.arange(positions.shape[-1], device=positions.device)
     return (j // 2 * 4) + positions.to(torch.int64)
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """The shape logic of a packed [N, K] delta: which tensors it has and their shapes (one place).
+
+    PackedLinear (one delta) and DeltaSlots (deltas stacked [S, ...]) are both described by one layout.
+    """
+
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int
+    sparse24: bool
+
+    def __post_init__(self) -> None:
+        k = self.in_features
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, not {self.bits}")
+        if self.group_size <= 0 or k % self.group_size:
+            raise ValueError(f"group_size {self.group_size} does not divide in_features {k}")
+        if self.sparse24 and k % 32:
+            raise ValueError(f"2:4 deltas need in_features % 32 == 0 (in_features={k})")
+
+    @property
+    def n_codes(self) -> int:
+        """Codes stored per row: K/2 for 2:4, else K."""
+        return self.in_features // 2 if self.sparse24 else self.in_features
+
+    @property
+    def n_words(self) -> int:
+        """int32 words of codes per row."""
+        return -(-self.n_codes // codes_per_word(self.bits))
+
+    @property
+    def n_groups(self) -> int:
+        """Scale groups per row."""
+        return self.in_features // self.group_size
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Shape of each packed tensor by key (meta only when 2:4)."""
+        n = self.out_features
+        out = {"qweight": (n, self.n_words), "scales": (n, self.n_groups), "zeros": (n, self.n_groups)}
+        if self.sparse24:
+            out["meta"] = (n, self.in_features // 32)
+        return out
+
+    def check(self, tensors: dict[str, torch.Tensor | None], lead: tuple[int, ...] = ()) -> None:
+        """Raise ValueError naming the first tensor whose shape or dtype is not this layout's."""
+        if self.sparse24 and tensors.get("meta") is None:
+            raise ValueError(f"2:4 deltas need metadata (in_features={self.in_features})")
+        for name, shape in self.shapes().items():
+            t = tensors[name]
+            got, want = tuple(t.shape), (*lead, *shape)
+            if got != want:
+                raise ValueError(f"{name} has shape {got}, expected {want}")
+            dtype = torch.float16 if name in ("scales", "zeros") else torch.int32
+            if t.dtype != dtype:
+                raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype}")
 
 
 @dataclass
@@ -140,27 +203,23 @@ class PackedLinear:
     zeros: torch.Tensor  # fp16 [N, K / group_size]
 
     def __post_init__(self) -> None:
-        n, k = self.out_features, self.in_features
-        if self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be 2, 3, 4 or 8, not {self.bits}")
-        if k % self.group_size:
-            raise ValueError(f"group_size {self.group_size} does not divide in_features {k}")
-        if self.sparse24 and (k % 32 or self.meta is None):
-            raise ValueError(f"2:4 deltas need in_features % 32 == 0 and metadata (in_features={k})")
-        words = -(-self.n_codes // codes_per_word(self.bits))
-        n_groups = k // self.group_size
-        expect = {"qweight": (n, words), "scales": (n, n_groups), "zeros": (n, n_groups)}
-        if self.sparse24:
-            expect["meta"] = (n, k // 32)
-        for name, shape in expect.items():
-            got = tuple(getattr(self, name).shape)
-            if got != shape:
-                raise ValueError(f"{name} has shape {got}, expected {shape}")
+        layout = self.layout
+        for name, shape in layout.shapes().items():  # shapes only: dtypes are checked where data is consumed
+            t = getattr(self, name)
+            if t is None:
+                raise ValueError(f"2:4 deltas need in_features % 32 == 0 and metadata "
+                                 f"(in_features={self.in_features})")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+
+    @property
+    def layout(self) -> PackedLayout:
+        return PackedLayout(self.out_features, self.in_features, self.bits, self.group_size, self.sparse24)
 
     @property
     def n_codes(self) -> int:
         """Codes stored per row: K/2 for 2:4, else K."""
-        return self.in_features // 2 if self.sparse24 else self.in_features
+        return self.layout.n_codes
 
     @property
     def nbytes(self) -> int:

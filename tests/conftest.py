@@ -58,8 +58,8 @@ def _usable_artifact(path: Path, base_dir: Path, settings=None) -> bool:
     import dataclasses
     import shutil
 
-    from deltazip.artifact import fingerprint_model, load_delta
     from deltazip.errors import DeltazipError
+    from deltazip.format import fingerprint_model, load_delta
 
     if not (path / "manifest.json").is_file():
         return False
@@ -74,3 +74,34 @@ def _usable_artifact(path: Path, base_dir: Path, settings=None) -> bool:
     if not ok:
         shutil.rmtree(path)
     return ok
+
+
+# -- a live server for the outside-client tests (OpenAI front, variants, metrics) ----------------------------
+@pytest.fixture(scope="session")
+def live_store(tiny_deltas, tmp_path_factory) -> Path:
+    """A private copy of the shared store: the variant lifecycle tests add to and remove from it."""
+    import shutil
+
+    store = tmp_path_factory.mktemp("live") / "deltas"
+    shutil.copytree(next(iter(tiny_deltas.values())).parent, store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_family, live_store, tmp_path_factory):
+    """tritonserver + the OpenAI front on free loopback ports, over `live_store`; torn down at session end.
+    Yields an object with .triton (TritonServer), .front (OpenAIFront), .store, .family, .build_dir."""
+    from types import SimpleNamespace
+
+    from deltazip.builder.build import build
+    from deltazip.config import RuntimeConfig
+    from deltazip.serving.openai_api import FrontSettings, OpenAIFront
+    from deltazip.serving.server import TritonServer
+
+    out = tmp_path_factory.mktemp("live-build") / "build"
+    build(tiny_family.base_dir, live_store, out, RuntimeConfig(max_context=128, max_batch_size=16,
+                                                              delta_slots=4))
+    with TritonServer(out) as triton:
+        with OpenAIFront(FrontSettings.from_build(out, triton.grpc_url)) as front:
+            yield SimpleNamespace(triton=triton, front=front, store=live_store, family=tiny_family,
+                                  build_dir=out)

@@ -10,24 +10,26 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltazip.artifact import (
-    PATTERNS_24,
+from deltazip.format import (
     ArtifactError,
     ChecksumError,
     FingerprintError,
     apply_delta,
-    atomic_dir,
     decompress,
     fingerprint_model,
-    linear_from_streams,
-    linear_streams,
     load_delta,
-    pack_byte_codes,
-    pack_patterns,
     read_manifest,
     save_delta,
+)
+from deltazip.format.codec import (
+    PATTERNS_24,
+    linear_from_streams,
+    linear_streams,
+    pack_byte_codes,
+    pack_patterns,
     unpack_patterns,
 )
+from deltazip.fsutil import atomic_dir
 from deltazip.packed import PackedLinear
 
 

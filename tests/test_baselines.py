@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from deltazip.compress.baselines import calib_ids, is_block_linear, run_baseline
-from deltazip.compress.baselines.awq import _rtn_int4, int4_group_bytes
-from deltazip.compress.baselines.bitdelta import bitdelta_bytes
-from deltazip.compress.baselines.sparsegpt import sparse24_bytes, sparsegpt_solve
-from deltazip.compress.baselines.svd import lowrank_bytes, pick_rank
-from deltazip.compress.evaluate import candidate_model, load_model
+from deltazip.compress.calibration import calib_ids
+from deltazip.eval.baselines import is_block_linear, run_baseline
+from deltazip.eval.baselines.awq import _rtn_int4, int4_group_bytes
+from deltazip.eval.baselines.bitdelta import bitdelta_bytes
+from deltazip.eval.baselines.sparsegpt import sparse24_bytes, sparsegpt_solve
+from deltazip.eval.baselines.svd import lowrank_bytes, pick_rank
+from deltazip.eval.scoring import candidate_model
+from deltazip.hf import load_model
 
 
 @pytest.fixture(scope="module")

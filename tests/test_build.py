@@ -31,7 +31,7 @@ def _parse_config(path: Path) -> model_config_pb2.ModelConfig:
 
 
 def test_build_renders_repo_and_manifest(tiny_family, tiny_deltas, store, tmp_path):
-    from deltazip.artifact import fingerprint_model
+    from deltazip.format import fingerprint_model
 
     runtime = RuntimeConfig(max_context=128, delta_slots=2)
     out = tmp_path / "build"
@@ -46,7 +46,7 @@ def test_build_renders_repo_and_manifest(tiny_family, tiny_deltas, store, tmp_pa
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     inputs = {i.name: i for i in config.input}
     assert list(inputs) == ["text_input", "model", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                            "stop", "stream", "exclude_input_in_output"]
+                            "stop", "stream", "exclude_input_in_output", "control"]
     assert not inputs["text_input"].optional
     assert all(i.optional for name, i in inputs.items() if name != "text_input")
     assert [o.name for o in config.output] == ["text_output", "finish_reason", "prompt_tokens",
@@ -111,3 +111,36 @@ def test_cli_build_and_trtllm_backend_error(tiny_family, store, tmp_path):
                                  "--out", str(tmp_path / "b2")])
     assert result.exit_code == 0, result.output
     assert "reverse" in result.output and (tmp_path / "b2" / "build.json").is_file()
+
+
+def test_trtllm_dry_run_lists_exactly_the_files(tiny_family, store, tmp_path):
+    """`deltazip build --backend trtllm --dry-run` works without TensorRT-LLM, writes nothing and prints
+    every file of the build; the converter part of that list is checked against a real CPU conversion."""
+    from deltazip.builder.build import planned_files
+    from deltazip.builder.trtllm import convert, written_files
+
+    out = tmp_path / "b"
+    result = CliRunner().invoke(cli, ["build", "--base", str(tiny_family.base_dir), "--deltas", str(store),
+                                      "--out", str(out), "--backend", "trtllm", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert not out.exists()
+    listed = [line for line in result.output.splitlines() if line.startswith(str(out.resolve()))]
+    names = sorted(p.name.removesuffix(".dz") for p in store.iterdir() if p.name.endswith(".dz"))
+    want = planned_files("trtllm", names, 1)
+    assert [str(Path(line).relative_to(out.resolve())) for line in listed] == want
+    assert {"build.json", "triton_repo/deltazip_llm/config.pbtxt", "triton_repo/deltazip_llm/1/model.py",
+            "trtllm/engine/rank0.engine", "trtllm/checkpoint/rank0.safetensors",
+            f"trtllm/deltas/{names[0]}/rank0.json"} <= set(want)
+
+    # the CPU step really writes exactly the planned checkpoint and delta-layout files (tp 2)
+    work = tmp_path / "work"
+    work.mkdir()
+    convert(tiny_family.base_dir, sorted(store.glob("*.dz"))[:1], work, tp=2, dtype="float16",
+            base_quant="none", calib=None)
+    planned = [f.removeprefix("trtllm/") for f in planned_files("trtllm", names[:1], 2)
+               if f.startswith(("trtllm/checkpoint/", "trtllm/deltas/"))]
+    assert written_files(work) == planned
+
+    torch_files = planned_files("torch", names, 1)
+    assert "triton_repo/deltazip_llm/config.pbtxt" in torch_files
+    assert not any("variants" in f for f in torch_files)

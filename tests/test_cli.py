@@ -9,9 +9,12 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from deltazip.cli import COMMANDS, cli
+from deltazip.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
+COMMANDS = ("build", "client", "compress", "convert", "demo", "eval", "family", "generate", "inspect",
+            "serve")
+HEAVY_MODULES = ("torch", "transformers", "safetensors", "tokenizers", "numpy", "tritonclient", "triton")
 
 
 def _all_commands(group: click.Group, ctx: click.Context, prefix: tuple[str, ...] = ()):
@@ -30,11 +33,32 @@ def test_version():
 def test_help_on_every_command():
     ctx = click.Context(cli)
     paths = list(_all_commands(cli, ctx))
-    assert len(paths) >= len(COMMANDS)
+    assert set(COMMANDS) <= set(cli.list_commands(ctx)) and len(paths) > len(COMMANDS)
     for path in paths:
         result = CliRunner().invoke(cli, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
         assert "Usage:" in result.output
+
+
+def test_help_does_not_import_heavy_modules():
+    """`deltazip --help` (and every command's --help) imports no torch/transformers: they load in commands."""
+    code = (
+        "import sys\n"
+        "import click\n"
+        "from deltazip.cli import cli\n"
+        "paths = [[]] + [[name] for name in cli.commands]\n"
+        "paths += [[name, sub] for name, group in cli.commands.items() if isinstance(group, click.Group)"
+        " for sub in group.commands]\n"
+        "for path in paths:\n"
+        "    try:\n"
+        "        cli([*path, '--help'], prog_name='deltazip')\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, path\n"
+        f"print('heavy:', *(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "heavy:", f"imported by --help: {proc.stdout.splitlines()[-1]}"
 
 
 def test_unknown_command_exits_2():

@@ -13,14 +13,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from deltazip.artifact import FingerprintError, apply_delta, decompress, load_delta, read_manifest
 from deltazip.compress import compress_model
-from deltazip.compress.blocks import BlockRunner, calibration_tokens
+from deltazip.compress.blocks import BlockRunner
+from deltazip.compress.calibration import calibration_tokens
 from deltazip.compress.obs import solve_delta
 from deltazip.compress.quantize import dequantize, fit_scale, quantize, zero_code
 from deltazip.compress.tune import tune_scales, with_scales
 from deltazip.config import CompressConfig
 from deltazip.errors import DeltazipError
+from deltazip.format import FingerprintError, apply_delta, decompress, load_delta, read_manifest
 
 FAST = CompressConfig(n_samples=16, seq_len=32)
 
@@ -150,7 +151,7 @@ def test_calibration_windows_start_at_text_starts(synthetic):
 def test_block_runner_matches_the_full_model(synthetic):
     from transformers import AutoModelForCausalLM
 
-    from deltazip.artifact import ModelWeights
+    from deltazip.hf import ModelWeights
 
     model = AutoModelForCausalLM.from_pretrained(synthetic / "ft").eval()
     tokens = torch.randint(3, 100, (2, 20))

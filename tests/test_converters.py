@@ -230,7 +230,7 @@ def save_base(tmp_path: Path, vocab: int = 130, name: str = "base") -> Path:
 def save_artifact(tmp_path: Path, base: Path, fingerprint: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from deltazip.artifact import fingerprint_model, save_delta
+    from deltazip.format import fingerprint_model, save_delta
 
     linears, exact = random_delta(AutoModelForCausalLM.from_pretrained(base), 2, None, True)
     return save_delta(tmp_path / "t.dz", "t", fingerprint or fingerprint_model(base), linears, exact)
@@ -343,8 +343,8 @@ def test_real_family_delta_oracle_tp2(tiny_family, tiny_deltas, tmp_path):
     """A real compressed fine-tune (default 2-bit 2:4) through `convert_delta`, against the exporter."""
     from transformers import AutoModelForCausalLM
 
-    from deltazip.artifact import decompress, load_delta
     from deltazip.converters.delta import convert_delta
+    from deltazip.format import decompress, load_delta
 
     delta = load_delta(tiny_deltas["reverse"])
     layout = read_delta_layout(convert_delta(tiny_deltas["reverse"], tiny_family.base_dir, tmp_path / "d", 2))

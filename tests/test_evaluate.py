@@ -10,17 +10,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from deltazip.compress.evaluate import (
-    add_delta,
-    answer_perplexity,
-    artifact_bytes,
-    evaluate_artifact,
-    load_model,
-    perplexity,
-    score,
-    store_quality,
-)
 from deltazip.errors import DeltazipError
+from deltazip.eval.report import artifact_bytes, evaluate_artifact, store_quality
+from deltazip.eval.scoring import answer_perplexity, perplexity, score
+from deltazip.hf import add_delta, load_model
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,7 @@ def test_add_delta_adds_once_and_names_bad_input(synthetic_model_dir):
 
 
 def test_quality_lands_in_manifest_and_checksums_stay_valid(synthetic_model_dir, tmp_path):
-    from deltazip.artifact import fingerprint_model, load_delta, save_delta
+    from deltazip.format import fingerprint_model, load_delta, save_delta
 
     model, _ = load_model(synthetic_model_dir)
     exact = {n: torch.full_like(p, 0.01) for n, p in model.named_parameters() if p.dim() == 1}
@@ -102,7 +95,7 @@ def test_lm_eval_backend_missing_package_is_clear():
         pytest.skip("lm-eval is installed here")
     except ImportError:
         pass
-    from deltazip.compress.evaluate import lm_eval_scores
+    from deltazip.eval.scoring import lm_eval_scores
 
     with pytest.raises(DeltazipError, match=r"install deltazip\[eval\]"):
         lm_eval_scores(None, None, [])
@@ -132,7 +125,7 @@ def test_tiny_family_finetune_scores_high_and_base_low(tiny_family):
 
 
 def test_evaluate_artifact_report_on_tiny_family(tiny_family, tiny_deltas, tmp_path):
-    from deltazip.artifact import load_delta
+    from deltazip.format import load_delta
 
     art = shutil.copytree(tiny_deltas["upper"], tmp_path / "upper.dz")  # leave the shared fixture untouched
     report = evaluate_artifact(tiny_family.base_dir, art, tiny_family.root, baselines=("bitdelta", "svd"),
@@ -159,7 +152,7 @@ def test_cli_eval_prints_table_without_storing(tiny_family, tiny_deltas, tmp_pat
 
 def test_lm_eval_local_task_file_runs(synthetic_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval.models.huggingface")  # only where deltazip[eval] is installed
-    from deltazip.compress.evaluate import lm_eval_scores
+    from deltazip.eval.scoring import lm_eval_scores
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

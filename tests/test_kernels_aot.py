@@ -56,3 +56,20 @@ def test_launch_description_matches_the_kernel(kernels):
     assert kernel.threads_per_block == 128
     assert kernel.grid(num_segments=3, n=100) == (3, 4, 1)
     assert kernel.grid(num_segments=1, n=64, m_splits=8) == (1, 2, 8)
+
+
+def test_ptx_target_table():
+    """Which PTX each device runs: sm_90a only on cc 9.0 (arch-specific), forward-compatible sm_80 PTX on
+    Ampere/Ada and on Blackwell (which cannot load sm_90a); below 8.0 a clear error."""
+    from deltazip.kernels.aot import SHIPPED_CCS, ptx_target
+
+    assert SHIPPED_CCS == (80, 90)
+    table = {(8, 0): "sm_80", (8, 6): "sm_80", (8, 9): "sm_80", (9, 0): "sm_90a", (10, 0): "sm_80",
+             (10, 3): "sm_80", (12, 0): "sm_80", (12, 1): "sm_80"}
+    for cc, target in table.items():
+        compile_cc, got = ptx_target(*cc)
+        assert got == target, cc
+        assert compile_cc == (90 if target == "sm_90a" else 80)
+    for cc in ((7, 5), (7, 0)):
+        with pytest.raises(ValueError, match="not supported"):
+            ptx_target(*cc)

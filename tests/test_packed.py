@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltazip.artifact import PATTERNS_24, ArtifactError, load_delta, save_delta
+from deltazip.format import ArtifactError, load_delta, save_delta
+from deltazip.format.codec import PATTERNS_24
 from deltazip.packed import PackedLinear, codes_per_word, pack_codes, unpack_codes
 
 
@@ -87,7 +88,7 @@ def test_save_load_dequantize_matches_reference(tmp_path, lossless):
 
 
 def test_invalid_group_symbol_is_an_artifact_error(tmp_path):
-    from deltazip.artifact import linear_from_streams
+    from deltazip.format.codec import linear_from_streams
 
     entry = {"name": "t", "shape": [1, 32], "bits": 2, "group_size": 32, "sparse24": True}
     streams = {"groups": bytes([96] + [0] * 7), "scales": bytes(2), "zeros": bytes(2)}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+import types
+import typing
 
 import pytest
 import torch
@@ -11,13 +14,17 @@ import torch
 from deltazip.errors import DeltazipError
 from deltazip.kernels import DeltaSlots, add_delta_matmul
 from deltazip.kernels.synthetic import random_packed
+from deltazip.plugins import delta_gemm_plugin
 from deltazip.plugins.delta_gemm_plugin import (
+    EXTRA_ARG_NAMES,
     INPUT_NAMES,
+    OUTPUT_NAMES,
     DeltaGemmShape,
     PluginError,
     batch_segments,
     check_aot_kernel,
     check_inputs,
+    engine_segments,
     extra_args,
     launch_grid,
     m_splits_for,
@@ -50,7 +57,7 @@ def plugin_call(x: torch.Tensor, base_out: torch.Tensor, slots: DeltaSlots, row_
     m_splits = m_splits_for(x.shape[0], INTERPRETER.block_m, 4)
     grid = launch_grid(len(inputs["seg_slot"]), shape.out_features, INTERPRETER.block_n, m_splits)
     delta_gemm_kernel[grid](
-        *(inputs[name] for name in INPUT_NAMES), *extra_args(shape),
+        *(inputs[name] for name in INPUT_NAMES), *extra_args(shape, x.shape[0]),
         BITS=shape.bits, GROUP=shape.group_size, SPARSE24=shape.sparse24, DOT_MODE=0,
         BLOCK_M=INTERPRETER.block_m, BLOCK_N=INTERPRETER.block_n, BLOCK_K=INTERPRETER.block_k)
     return base_out  # the output aliases base_out
@@ -124,21 +131,128 @@ def test_launch_grid_and_segments():
     assert all(t.dtype == torch.int32 for t in seg.values())
 
 
-def test_aot_ptx_for_sm80_and_sm90a_matches_the_plugin_abi():
-    kernels = plugin_kernels(bits=2, group_size=128, sparse24=True, dtype="fp16")
-    assert set(kernels) == {"sm_80", "sm_90a"}
-    for target, kernel in kernels.items():
+@pytest.fixture(scope="module")
+def aot_kernels():
+    return plugin_kernels(bits=2, group_size=128, sparse24=True, dtype="fp16")
+
+
+def test_aot_ptx_for_sm80_and_sm90a_matches_the_plugin_abi(aot_kernels):
+    """The PTX `.entry` parameter list, parsed from the PTX text, equals TensorRT's AOT launch (inputs,
+    extra args, outputs) in count and PTX type; the two output slots are Triton's scratch pointers, unread."""
+    from deltazip.kernels.aot import ptx_entry_params, ptx_params_read
+
+    assert set(aot_kernels) == {"sm_80", "sm_90a"}
+    for target, kernel in aot_kernels.items():
         assert f".target {target}" in kernel.ptx
         assert kernel.mma_instructions, f"{target}: no tensor-core mma in the PTX"
         assert kernel.spill_bytes == 0
-        # .entry params: the plugin's inputs + extra args + Triton's two scratch pointers
-        entry = kernel.ptx[kernel.ptx.index(f".entry {kernel.name}("):]
-        params = entry[: entry.index(")")].count(".param")
-        assert params == len(kernel.signature) + 2
-    broken = kernels["sm_80"]
-    broken.signature = list(reversed(broken.signature))
+        check_aot_kernel(kernel)
+        entry = ptx_entry_params(kernel.ptx, kernel.name)
+        launch = delta_gemm_plugin.launch_args()
+        assert len(launch) == len(INPUT_NAMES) + len(EXTRA_ARG_NAMES) + len(OUTPUT_NAMES) == 22
+        assert [t for t, _ in entry] == [t for _, t in launch]
+        assert not ptx_params_read(kernel.ptx, kernel.name) & {p for _, p in entry[-2:]}
+
+
+def test_check_aot_kernel_reads_the_ptx(aot_kernels, monkeypatch):
+    """The check fails for each way the ABI broke before: one output (20 launch args vs 21 PTX params),
+    a PTX parameter the launch does not pass, a kernel that loads a slot the outputs fill."""
+    kernel = aot_kernels["sm_80"]
+    with monkeypatch.context() as patch:  # the old plugin: one output only
+        patch.setattr(delta_gemm_plugin, "OUTPUT_NAMES", ("y",))
+        with pytest.raises(PluginError, match=r"PTX entry takes 22 parameters, TensorRT's AOT launch passes 21"):
+            check_aot_kernel(kernel)
+    last = f"{kernel.name}_param_21"
+    extra = types.SimpleNamespace(**{**kernel.__dict__, "ptx": kernel.ptx.replace(
+        f"{last}\n)", f"{last},\n\t.param .u64 {kernel.name}_param_22\n)")})
+    with pytest.raises(PluginError, match="PTX entry takes 23 parameters"):
+        check_aot_kernel(extra)
+    typed = types.SimpleNamespace(**{**kernel.__dict__, "ptx": kernel.ptx.replace(
+        f".param .u32 {kernel.name}_param_9,", f".param .u64 {kernel.name}_param_9,")})
+    with pytest.raises(PluginError, match=r"#9 M \(launch .u32, PTX .u64\)"):
+        check_aot_kernel(typed)
+    body = kernel.ptx.index("{", kernel.ptx.index(f".entry {kernel.name}("))
+    reads = types.SimpleNamespace(**{**kernel.__dict__, "ptx": kernel.ptx[:body + 1]
+                                     + f"\n\tld.param.u64 \t%rd999, [{last}];" + kernel.ptx[body + 1:]})
+    with pytest.raises(PluginError, match="TensorRT fills with the output pointers"):
+        check_aot_kernel(reads)
+    broken = types.SimpleNamespace(**{**kernel.__dict__, "signature": list(reversed(kernel.signature))})
     with pytest.raises(PluginError, match="do not match the plugin order"):
         check_aot_kernel(broken)
+
+
+def stand_in_trtp():
+    """STAND-IN for tensorrt.plugin / tensorrt, used ONLY to check the definitions' annotations with
+    inspect (TensorRT cannot be installed here). Nothing is registered or run through it."""
+    class TensorDesc:
+        pass
+
+    class SymExprs:
+        pass
+
+    class SymIntExprs(SymExprs):
+        pass
+
+    class KernelLaunchParams:
+        pass
+
+    trtp = types.SimpleNamespace(TensorDesc=TensorDesc, SymExprs=SymExprs, SymIntExprs=SymIntExprs,
+                                 KernelLaunchParams=KernelLaunchParams)
+    trt = types.SimpleNamespace(float16="f16", bfloat16="bf16", float32="f32", int32="i32")
+    return trtp, trt
+
+
+def test_qdp_definitions_carry_real_annotation_classes():
+    """tensorrt.plugin validates with issubclass(param.annotation, TensorDesc) and needs an aot_impl return
+    annotation (TensorRT v10.14 tensorrt/plugin/_validate.py): strings (from __future__ annotations) or a
+    missing annotation fail at registration. Checked here on the functions the factory builds."""
+    from deltazip.plugins.qdp import define_delta_gemm
+
+    trtp, trt = stand_in_trtp()
+    defs = define_delta_gemm(trtp, trt, kernel_for=None, register=False)
+    attrs = ["out_features", "in_features", "bits", "group_size", "sparse24", "num_slots", "m_splits"]
+
+    desc = inspect.signature(defs.desc)
+    assert list(desc.parameters) == [*INPUT_NAMES, *attrs]
+    for name, param in desc.parameters.items():
+        assert inspect.isclass(param.annotation), f"{name}: annotation {param.annotation!r} is not a class"
+        assert param.default is inspect.Parameter.empty
+        want = trtp.TensorDesc if name in INPUT_NAMES else int
+        assert issubclass(param.annotation, want) and (name in INPUT_NAMES or param.annotation is int)
+    assert typing.get_origin(desc.return_annotation) is tuple
+    outs = typing.get_args(desc.return_annotation)
+    assert len(outs) == len(OUTPUT_NAMES) and all(issubclass(o, trtp.TensorDesc) for o in outs)
+
+    aot = inspect.signature(defs.aot_impl)
+    assert list(aot.parameters) == [*INPUT_NAMES, *attrs, "outputs", "tactic"]
+    for name in [*INPUT_NAMES, *attrs]:
+        assert aot.parameters[name].annotation is desc.parameters[name].annotation, name
+    outputs = aot.parameters["outputs"].annotation
+    assert typing.get_origin(outputs) is tuple
+    assert all(issubclass(o, trtp.TensorDesc) for o in typing.get_args(outputs))
+    assert aot.parameters["tactic"].annotation is int
+    ret = aot.return_annotation
+    assert ret is not inspect.Signature.empty, "aot_impl needs a return annotation"
+    assert typing.get_origin(ret) is tuple
+    name_t, code_t, launch_t, args_t = typing.get_args(ret)
+    for union in (name_t, code_t):
+        assert typing.get_origin(union) in (typing.Union, types.UnionType)
+        assert set(typing.get_args(union)) == {str, bytes}
+    assert launch_t is trtp.KernelLaunchParams and issubclass(args_t, trtp.SymExprs)
+
+
+def test_lm_head_gets_last_token_segments():
+    """Token linears see every packed token; lm_head sees one row per request (TensorRT-LLM gathers the
+    last tokens first), so its segments index requests and never exceed the request count."""
+    request_slots = torch.tensor([1, -1, 0], dtype=torch.int32)
+    tokens = torch.tensor([3, 1, 2])  # request 0: 3-token context; 1: generation step; 2: 2-token context
+    seg = engine_segments(request_slots, tokens, num_slots=4)
+    assert seg["delta_sorted_rows"].tolist() == [4, 5, 0, 1, 2]
+    assert seg["delta_seg_slot"].tolist() == [0, 1] and seg["delta_seg_start"].tolist() == [0, 2, 5]
+    assert seg["delta_lm_sorted_rows"].tolist() == [2, 0]
+    assert seg["delta_lm_seg_slot"].tolist() == [0, 1] and seg["delta_lm_seg_start"].tolist() == [0, 1, 2]
+    assert int(seg["delta_lm_sorted_rows"].max()) < len(request_slots)
+    assert seg["delta_token_slot"].tolist() == [1, 1, 1, 4, 0, 0]
 
 
 def test_registration_fails_clearly_without_tensorrt():

@@ -11,8 +11,8 @@ import torch
 from test_runtime_pool import make_synthetic_store
 from transformers import LlamaForCausalLM
 
-from deltazip.artifact import apply_delta
 from deltazip.config import RuntimeConfig
+from deltazip.format import apply_delta
 from deltazip.runtime import Engine, GenerationRequest, RequestError, SamplingParams
 
 CONFIG = RuntimeConfig(device="cpu", kernel="torch", delta_slots=3, max_context=96, kv_budget_tokens=4096)
@@ -83,6 +83,22 @@ def test_stop_strings_truncate_and_stream(engine):
     result = engine.submit(_greedy("stop here", None, 20, stop=[stop]), on_token=pieces.append).result(60)
     assert result.finish_reason == "stop" and result.text == full[: full.find(stop)]
     assert "".join(pieces) == result.text
+
+
+def test_decoding_work_per_token_is_constant(engine, monkeypatch):
+    """Each new token decodes a short window of ids, never the whole completion again."""
+    window_sizes: list[int] = []
+    decode = engine.tokenizer.decode
+
+    def counting_decode(token_ids, **kwargs):
+        window_sizes.append(len(token_ids))
+        return decode(token_ids, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "decode", counting_decode)
+    result = engine.generate(_greedy("count the decoding", "b", 60))
+    assert result.completion_tokens >= 30, result
+    assert len(window_sizes) <= 2 * result.completion_tokens + 2
+    assert max(window_sizes) <= 4, window_sizes
 
 
 def test_cancel_ends_one_request(engine):

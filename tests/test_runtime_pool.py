@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltazip.artifact import ChecksumError, FingerprintError, fingerprint_model, save_delta
+from deltazip.format import ChecksumError, FingerprintError, fingerprint_model, save_delta
 from deltazip.runtime.delta_linear import clear_model_delta, enable_deltas, set_model_delta
 from deltazip.runtime.model import load_llama
 from deltazip.runtime.pool import DeltaPool, RequestError

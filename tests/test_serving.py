@@ -213,7 +213,7 @@ def test_serve_command_stops_cleanly_on_sigint_and_sigterm(build_dir):
     for sig in (signal.SIGINT, signal.SIGTERM):
         process = subprocess.Popen(
             [sys.executable, "-m", "deltazip.cli", "serve", str(build_dir), "--http-port", "0",
-             "--grpc-port", "0", "--metrics-port", "0"],
+             "--grpc-port", "0", "--metrics-port", "0", "--openai-port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
         output = []
         for line in process.stdout:

@@ -8,18 +8,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from deltazip.builder.render import model_values, render_repo
+from deltazip.builder.render import (
+    model_values,
+    pbtxt_string,
+    render_repo,
+    template_files,
+    variant_template,
+)
 from deltazip.config import RuntimeConfig
 from deltazip.errors import DeltazipError
+from deltazip.fsutil import atomic_dir
 
 BACKENDS = ("torch", "trtllm")
 BUILD_JSON = "build.json"
@@ -45,7 +49,7 @@ def find_artifacts(deltas_dir: Path) -> list[Path]:
 
 def validate_deltas(base_dir: Path, deltas_dir: Path, on_delta=None) -> tuple[str, list[DeltaEntry]]:
     """Load (with checksums) every artifact and check it was made against `base_dir`; nothing is written."""
-    from deltazip.artifact import fingerprint_model, load_delta
+    from deltazip.format import fingerprint_model, load_delta
 
     base_fingerprint = fingerprint_model(base_dir)
     entries = []
@@ -81,38 +85,42 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`, replacing an older build (old one removed only after the swap)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+TRTLLM_DIR = "trtllm"  # the TensorRT-LLM stage's output inside a trtllm build (deltazip.builder.trtllm)
+
+
+def planned_files(backend: str, delta_names: list[str], tp: int) -> list[str]:
+    """Exactly the files a build writes, relative to OUT (what `deltazip build --dry-run` prints)."""
+    repo = [f"{REPO_DIR}/{rel}" for _, rel in template_files(variant_template(backend))]
+    files = [BUILD_JSON, *repo]
+    if backend == "trtllm":
+        from deltazip.builder.trtllm import planned_files as trtllm_files
+
+        files += [f"{TRTLLM_DIR}/{rel}" for rel in trtllm_files(delta_names, tp)]
+    return sorted(files)
 
 
 def build(base_dir: Path, deltas_dir: Path, out: Path, runtime: RuntimeConfig, backend: str = "torch",
-          base_name: str | None = None, tp: int = 1, on_delta=None) -> dict:
-    """Run the build into `out`; returns the build.json content."""
+          base_name: str | None = None, tp: int = 1, on_delta=None, dry_run: bool = False) -> dict:
+    """Run the build into `out`; returns the build.json content. `dry_run`: check every input, write nothing,
+    and return the manifest with "files" = exactly the files the build would write (relative to `out`)."""
     if backend not in BACKENDS:
         raise DeltazipError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
-    if backend == "trtllm":
+    if backend == "trtllm" and not dry_run:
         # The one backend switch. GPU only — not verified on this machine: without TensorRT-LLM 1.2.x
         # require_trtllm() raises a one-line DeltazipError before anything is read or written.
-        from deltazip.builder.trtllm import build_trtllm, require_trtllm
+        from deltazip.builder.trtllm import require_trtllm
 
         require_trtllm()
-        base_fingerprint, entries = validate_deltas(base_dir.resolve(), deltas_dir.resolve(), on_delta)
-        build_trtllm(base_dir, [Path(e.path) for e in entries], out / "trtllm", tp=tp,
-                     delta_slots=runtime.delta_slots, max_batch_size=runtime.max_batch_size)
-        return {"backend": "trtllm", "base_fingerprint": base_fingerprint}
     base_dir, deltas_dir, out = base_dir.resolve(), deltas_dir.resolve(), out.resolve()
     if not (base_dir / "config.json").is_file():
         raise DeltazipError(f"base model directory has no config.json: {base_dir}")
+    if backend == "trtllm":
+        from deltazip.converters.split import ModelShape, check_tp
+
+        check_tp(ModelShape.from_model_dir(base_dir), tp)
     base_fingerprint, entries = validate_deltas(base_dir, deltas_dir, on_delta)
 
-    gpu = runtime.device == "cuda" or (runtime.device == "auto" and _cuda_available())
+    gpu = backend == "trtllm" or runtime.device == "cuda" or (runtime.device == "auto" and _cuda_available())
     runtime_dict = dataclasses.asdict(runtime)
     manifest = {
         "format": 1,
@@ -125,15 +133,21 @@ def build(base_dir: Path, deltas_dir: Path, out: Path, runtime: RuntimeConfig, b
         "deltas": [dataclasses.asdict(e) for e in entries],
         "versions": _versions(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        render_repo(tmp / REPO_DIR, model_values(base_dir, deltas_dir, runtime_dict, gpu))
+    if dry_run:
+        return {**manifest, "files": planned_files(backend, [e.name for e in entries], tp)}
+    values = model_values(base_dir, deltas_dir, runtime_dict, gpu)
+    with atomic_dir(out, overwrite=True) as tmp:
+        if backend == "trtllm":
+            from deltazip.builder.trtllm import build_trtllm
+
+            manifest["trtllm"] = build_trtllm(base_dir, [Path(e.path) for e in entries], tmp / TRTLLM_DIR,
+                                              tp=tp, delta_slots=runtime.delta_slots,
+                                              max_batch_size=runtime.max_batch_size,
+                                              max_input_len=runtime.max_context, max_seq_len=runtime.max_context)
+            # the served model reads the stage from the final location (OUT/trtllm) after the rename
+            values = {**values, "trtllm_dir": pbtxt_string(str(out / TRTLLM_DIR))}
+        render_repo(tmp / REPO_DIR, values, variant_template(backend))
         (tmp / BUILD_JSON).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from deltazip.errors import DeltazipError
 
 TEMPLATE_SUFFIX = ".template"
+VARIANTS_DIR = "variants"  # triton_repo/variants/<backend>/: a backend's own model repository (e.g. trtllm)
 
 
 def template_dir() -> Path:
@@ -25,16 +26,37 @@ def pbtxt_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+def variant_template(backend: str) -> Path:
+    """The model repository template of a backend: triton_repo/ for torch, triton_repo/variants/<backend>/."""
+    root = template_dir()
+    if backend == "torch":
+        return root
+    variant = root / VARIANTS_DIR / backend
+    if not (variant / "deltazip_llm").is_dir():
+        raise DeltazipError(f"model repository template for backend {backend!r} not found at {variant}")
+    return variant
+
+
+def template_files(template: Path) -> list[tuple[Path, Path]]:
+    """(source, path relative to the rendered repository) of every template file; variants/ is skipped."""
+    files = []
+    for src in sorted(template.rglob("*")):
+        rel = src.relative_to(template)
+        if src.is_dir() or "__pycache__" in src.parts or rel.parts[0] == VARIANTS_DIR:
+            continue
+        if src.name.endswith(TEMPLATE_SUFFIX):
+            rel = rel.with_name(src.name[: -len(TEMPLATE_SUFFIX)])
+        files.append((src, rel))
+    return files
+
+
 def render_repo(out_repo: Path, values: dict[str, str], template: Path | None = None) -> list[Path]:
     """Copy the template into `out_repo`, filling `$name` placeholders of *.template files; returns files."""
     template = template or template_dir()
     written = []
-    for src in sorted(template.rglob("*")):
-        if src.is_dir() or "__pycache__" in src.parts:
-            continue
-        rel = src.relative_to(template)
+    for src, rel in template_files(template):
         if src.name.endswith(TEMPLATE_SUFFIX):
-            dst = out_repo / rel.with_name(src.name[: -len(TEMPLATE_SUFFIX)])
+            dst = out_repo / rel
             try:
                 text = string.Template(src.read_text()).substitute(values)
             except KeyError as e:

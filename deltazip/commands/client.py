@@ -7,7 +7,7 @@ import time
 
 import click
 
-from deltazip.cli import get_config
+from deltazip.commands.context import get_config
 
 
 @click.command()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from deltazip.cli import get_config
+from deltazip.commands.context import get_config
 from deltazip.errors import DeltazipError
 
 
@@ -35,8 +35,8 @@ def compress(ctx: click.Context, base: str, target: str, out: str | None, name: 
              seq_len: int | None, damp: float | None, block_size: int | None, lossless: str | None,
              force: bool) -> None:
     """Compress the delta between a fine-tune and its base into an artifact."""
-    from deltazip.artifact import read_manifest
     from deltazip.compress import compress_model
+    from deltazip.format import read_manifest
     from deltazip.ui import print_table
 
     config = get_config(ctx)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deltazip.cli import get_config
+from deltazip.commands.context import get_config
 
 BASE_QUANTS = ("none", "w4a16_awq", "w8a16", "fp8")
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import click
 
-from deltazip.cli import get_config
+from deltazip.commands.context import get_config
 
 
 def _reusable(path: Path, base_fingerprint: str, settings: dict) -> bool:
     """An existing artifact is kept when it loads (checksums verified) and its base and settings match."""
-    from deltazip.artifact import load_delta
     from deltazip.errors import DeltazipError
+    from deltazip.format import load_delta
 
     try:
         manifest = load_delta(path, verify=True).manifest
@@ -45,11 +45,11 @@ def demo(ctx: click.Context, tasks: str | None, max_tokens: int, host: str | Non
     """Create/reuse the tiny family, compress its fine-tunes, build, serve, query each variant, stop."""
     import json
 
-    from deltazip.artifact import fingerprint_model
     from deltazip.builder.build import build
     from deltazip.compress import compress_model
     from deltazip.errors import DeltazipError
     from deltazip.family import create_family, load_eval_set
+    from deltazip.format import fingerprint_model
     from deltazip.serving.client import generate_grpc, generate_http
     from deltazip.serving.server import TritonServer
     from deltazip.ui import console, print_table, progress

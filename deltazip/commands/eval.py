@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
-from deltazip.cli import get_config
+from deltazip.commands.context import get_config
 from deltazip.errors import DeltazipError
-
-BASELINE_CHOICES = ("sparsegpt", "awq", "bitdelta", "svd")
+from deltazip.eval.baselines import BASELINE_NAMES
 
 
 def parse_baselines(value: str) -> tuple[str, ...]:
@@ -18,13 +17,13 @@ def parse_baselines(value: str) -> tuple[str, ...]:
     if value in ("", "none"):
         return ()
     if value == "all":
-        return BASELINE_CHOICES
+        return BASELINE_NAMES
     names = tuple(v.strip() for v in value.split(",") if v.strip())
-    unknown = [n for n in names if n not in BASELINE_CHOICES]
+    unknown = [n for n in names if n not in BASELINE_NAMES]
     if unknown:
-        choices = ", ".join(BASELINE_CHOICES)
+        choices = ", ".join(BASELINE_NAMES)
         raise DeltazipError(f"unknown baseline '{unknown[0]}' (choose from: all, none, {choices})")
-    return tuple(n for n in BASELINE_CHOICES if n in names)
+    return tuple(n for n in BASELINE_NAMES if n in names)
 
 
 @click.command("eval")
@@ -46,7 +45,7 @@ def eval_cmd(ctx: click.Context, artifact: Path, base: str | None, family_dir: P
     """Exact-match accuracy and perplexity of ARTIFACT (a NAME.dz delta) on its family task."""
     from transformers.utils import logging as hf_logging
 
-    from deltazip.compress.evaluate import evaluate_artifact
+    from deltazip.eval.report import evaluate_artifact
     from deltazip.ui import console, print_table
 
     hf_logging.disable_progress_bar()  # one progress bar (ours), not one per model load

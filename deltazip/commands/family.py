@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from deltazip.cli import get_config
+from deltazip.commands.context import get_config
 
 
 @click.group()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
 @click.command("generate")
 @click.option("--base", default=None,
               help="Base model: a name from [bases] or a HF directory (default: [build].base).")
-@click.option("--delta", default=None, help="Delta name in the store (default: the base model alone).")
+@click.option("--delta", default=None,
+              help="Delta: a name in the store, or the path of a NAME.dz artifact (default: the base alone).")
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--deltas", "deltas_dir", default=None, type=click.Path(file_okay=False),
               help="Store of NAME.dz/ artifacts (default: [store].deltas).")
@@ -25,18 +28,50 @@ def generate(ctx: click.Context, base: str | None, delta: str | None, prompt: st
              stop: tuple[str, ...], device: str | None) -> None:
     """Generate a completion for PROMPT, streaming tokens to the terminal."""
     import dataclasses
-    import time
+    import tempfile
 
-    from deltazip.cli import get_config
-    from deltazip.errors import DeltazipError
-    from deltazip.runtime import Engine, GenerationRequest, SamplingParams
-    from deltazip.ui import print_table
+    from deltazip.commands.context import get_config
+    from deltazip.runtime import Engine
 
     config = get_config(ctx)
     base_dir = config.resolve_model(base or config.build.base)
     store = config.path(deltas_dir) if deltas_dir else config.path(config.store.deltas)
     runtime = config.runtime if device is None else dataclasses.replace(config.runtime, device=device)
-    engine = Engine.from_dirs(base_dir, store, runtime)
+    with tempfile.TemporaryDirectory(prefix="deltazip-generate-") as scratch:
+        if delta is not None and _is_path(delta):
+            delta, store = _single_store(Path(delta), Path(scratch))
+        engine = Engine.from_dirs(base_dir, store, runtime)
+        _run(engine, prompt, delta, max_tokens, temperature, top_p, top_k, seed, stop)
+
+
+def _is_path(delta: str) -> bool:
+    """A --delta value naming an artifact directory rather than a store name."""
+    return "/" in delta or delta.endswith(".dz") or Path(delta).is_dir()
+
+
+def _single_store(artifact: Path, scratch: Path) -> tuple[str, Path]:
+    """(its name, a store holding only it): a symlink NAME.dz → the artifact, so nothing is copied."""
+    import os
+
+    from deltazip.errors import DeltazipError
+    from deltazip.format import read_manifest
+
+    if not (artifact / "manifest.json").is_file():
+        raise DeltazipError(f"--delta {artifact}: not a delta artifact (no manifest.json); give a NAME.dz "
+                            "directory or the name of a delta in the store")
+    name = read_manifest(artifact)["name"]
+    os.symlink(artifact.resolve(), scratch / f"{name}.dz")
+    return name, scratch
+
+
+def _run(engine, prompt: str, delta: str | None, max_tokens: int, temperature: float, top_p: float,
+         top_k: int, seed: int | None, stop: tuple[str, ...]) -> None:
+    import time
+
+    from deltazip.errors import DeltazipError
+    from deltazip.runtime import GenerationRequest, SamplingParams
+    from deltazip.ui import print_table
+
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=list(stop))
     start = time.perf_counter()

@@ -14,7 +14,7 @@ def inspect(artifact: str, verify: bool) -> None:
     """Show what a delta artifact holds."""
     from pathlib import Path
 
-    from deltazip.artifact import read_manifest, verify_files
+    from deltazip.format import read_manifest, verify_files
     from deltazip.ui import console, print_table
 
     path = Path(artifact)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from deltazip.artifact import ModelWeights
 from deltazip.errors import DeltazipError
+from deltazip.hf import ModelWeights, read_config
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -21,15 +20,16 @@ class BlockRunner:
     """Builds decoder layers of a Llama-style HF architecture from its config, without the whole model."""
 
     def __init__(self, model_dir: Path) -> None:
-        from transformers import AutoConfig
+        from transformers import CONFIG_MAPPING
 
-        self.config = AutoConfig.from_pretrained(str(model_dir))
-        self.config._attn_implementation = "sdpa"  # causal by default when no mask is given
-        model_type = self.config.model_type
+        self.model_config = read_config(model_dir)
+        model_type = self.model_config.model_type
         try:
             module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-        except ImportError:
+            self.config = CONFIG_MAPPING[model_type].from_dict(dict(self.model_config.raw))  # no remote code
+        except (ImportError, KeyError):
             raise DeltazipError(f"{model_dir}: unsupported model_type {model_type!r}") from None
+        self.config._attn_implementation = "sdpa"  # causal by default when no mask is given
         classes = {name: getattr(module, name) for name in dir(module)}
         layer_cls = [c for n, c in classes.items() if n.endswith("DecoderLayer")]
         rotary_cls = [c for n, c in classes.items() if n.endswith("RotaryEmbedding") and "Vision" not in n]
@@ -38,7 +38,7 @@ class BlockRunner:
             raise DeltazipError(f"{model_dir}: model_type {model_type!r} is not a Llama-style decoder")
         self.layer_cls, self.norm_cls = layer_cls[0], norm_cls[0]
         self.rotary = rotary_cls[0](config=self.config)
-        self.num_layers = self.config.num_hidden_layers
+        self.num_layers = self.model_config.num_layers
 
     def layer(self, index: int, weights: ModelWeights) -> nn.Module:
         """Decoder layer `index` (float32, eval mode) holding `weights`' tensors."""
@@ -49,7 +49,8 @@ class BlockRunner:
         return layer
 
     def final_norm(self, weight: torch.Tensor) -> nn.Module:
-        norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps).float().eval()
+        cfg = self.model_config
+        norm = self.norm_cls(cfg.hidden_size, eps=cfg.rms_norm_eps).float().eval()
         norm.weight.data.copy_(weight.float())
         return norm
 
@@ -119,39 +120,3 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
     """H = 2/n · Σ x xᵀ for inputs x [..., K]."""
     flat = x.reshape(-1, x.shape[-1]).float()
     return 2.0 / flat.shape[0] * flat.T @ flat
-
-
-def calibration_tokens(model_dir: Path, calib_path: Path, n_samples: int, seq_len: int) -> torch.Tensor:
-    """n_samples windows [n, seq_len] of token ids from the tokenized calibration texts (joined by EOS).
-
-    Windows start where a text starts (BOS first, as prompts do at inference), spread evenly over the
-    texts; when there are fewer text starts than n_samples, evenly spaced windows fill the rest.
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise DeltazipError(f"{model_dir}: cannot load its tokenizer for calibration ({e})") from None
-    ids: list[int] = []
-    text_starts: list[int] = []
-    with open(calib_path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DeltazipError(f"{calib_path}:{line_no}: expected a JSON object with 'text'") from None
-            text_starts.append(len(ids))
-            ids.extend(tokenizer(text)["input_ids"])
-            if tokenizer.eos_token_id is not None:
-                ids.append(tokenizer.eos_token_id)
-    if len(ids) < seq_len:
-        raise DeltazipError(f"{calib_path}: only {len(ids)} tokens, fewer than --seq-len {seq_len}")
-    stream = torch.tensor(ids, dtype=torch.long)
-    fits = [s for s in text_starts if s + seq_len <= len(ids)]
-    take = min(n_samples, len(fits))
-    starts = [fits[i] for i in torch.linspace(0, len(fits) - 1, take).long().tolist()] if take else []
-    starts += torch.linspace(0, len(ids) - seq_len, n_samples - take).long().tolist()
-    return torch.stack([stream[s:s + seq_len] for s in starts])

@@ -12,27 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from deltazip.artifact import (
-    ModelWeights,
-    check_name,
-    fingerprint_model,
-    merge_tensor,
-    save_delta,
-)
 from deltazip.compress.blocks import (
     EMBED,
     FINAL_NORM,
     LM_HEAD,
     BlockRunner,
-    calibration_tokens,
     hessian_of,
     input_hessians,
     sequential_groups,
 )
+from deltazip.compress.calibration import calibration_tokens
 from deltazip.compress.obs import solve_delta
 from deltazip.compress.tune import ScaleSet, tune_scales
 from deltazip.config import CompressConfig
 from deltazip.errors import DeltazipError
+from deltazip.format import fingerprint_model, merge_tensor, save_delta
+from deltazip.format.manifest import check_name
+from deltazip.hf import ModelConfig, ModelWeights, read_config
 from deltazip.packed import PackedLinear
 from deltazip.ui import progress
 
@@ -44,17 +40,17 @@ TUNE_LR = 0.03
 TUNE_BATCH = 16
 
 
-def check_compatible(base: ModelWeights, target: ModelWeights) -> None:
+def check_compatible(base: ModelWeights, target: ModelWeights, base_cfg: ModelConfig,
+                     target_cfg: ModelConfig) -> None:
     """Same architecture, tensor names and shapes; the error names the first mismatching tensor."""
-    base_cfg, target_cfg = base.config(), target.config()
     for key in ("model_type", "architectures"):
-        if base_cfg.get(key) != target_cfg.get(key):
-            raise DeltazipError(f"base and target differ in config '{key}': {base_cfg.get(key)!r} vs "
-                                f"{target_cfg.get(key)!r}")
+        if base_cfg.raw.get(key) != target_cfg.raw.get(key):
+            raise DeltazipError(f"base and target differ in config '{key}': {base_cfg.raw.get(key)!r} vs "
+                                f"{target_cfg.raw.get(key)!r}")
     for name in sorted(set(base.names()) | set(target.names())):
-        if name not in target.entries:
+        if name not in target:
             raise DeltazipError(f"tensor {name} is in the base but not in the target")
-        if name not in base.entries:
+        if name not in base:
             raise DeltazipError(f"tensor {name} is in the target but not in the base")
         if base.shape(name) != target.shape(name):
             raise DeltazipError(f"tensor {name} has shape {list(base.shape(name))} in the base but "
@@ -111,7 +107,8 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
     if out_dir.exists() and not overwrite:
         raise DeltazipError(f"{out_dir} already exists (pass --force to replace it)")
     base, target = ModelWeights(base_dir), ModelWeights(target_dir)
-    check_compatible(base, target)
+    target_cfg = read_config(target_dir)
+    check_compatible(base, target, read_config(base_dir), target_cfg)
     norms = [0.0, 0.0]  # Σ‖t − b‖², Σ‖b‖² over matrices (norm vectors near 1 would mask an unrelated model)
 
     warned = []
@@ -149,9 +146,9 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
     info = {
         "base": {"name": base_dir.name},
         "target": target_dir.name,
-        "model": {**{k: target.config().get(k) for k in ("model_type", "hidden_size", "num_hidden_layers",
-                                                          "vocab_size")},
-                  "dtype": target.config().get("dtype") or target.config().get("torch_dtype")},
+        "model": {"model_type": target_cfg.model_type, "hidden_size": target_cfg.hidden_size,
+                  "num_hidden_layers": target_cfg.num_layers, "vocab_size": target_cfg.vocab_size,
+                  "dtype": target_cfg.dtype},
         "settings": {**dataclasses.asdict(settings), "calib": calib_path.name if calib_path else None},
         "stats": {"compress_seconds": round(time.perf_counter() - started, 3),
                   "relative_delta_norm": rel_norm},
@@ -206,7 +203,7 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
     for param in target.names():  # final norm and anything else outside the blocks (biases, extra norms)
         if not param.startswith("model.layers.") and param not in (EMBED, LM_HEAD):
             exact[param] = exact_delta(*take_delta(param))
-    if LM_HEAD in target.entries:
+    if LM_HEAD in target:
         final_norm = runner.final_norm(target.get(FINAL_NORM))
         normed, normed_ft = final_norm(hidden), final_norm(hidden_ft)
         b, t = take_delta(LM_HEAD)

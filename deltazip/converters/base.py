@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from deltazip.converters.output import atomic_dir, check_out_dir
+from deltazip.compress.calibration import read_calib_texts
 from deltazip.converters.split import ModelShape, check_tp
 from deltazip.errors import DeltazipError
+from deltazip.fsutil import atomic_dir, check_out_dir
 
 # --base-quant value → modelopt config name; None: export the base unquantized.
 BASE_QUANT_CONFIGS = {"none": None, "w4a16_awq": "INT4_AWQ_CFG", "w8a16": "INT8_WEIGHT_ONLY_CFG",
@@ -65,26 +66,6 @@ def load_base_model(base_dir: Path, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype).eval()
 
 
-def read_calib_texts(calib_path: Path, limit: int) -> list[str]:
-    """The first `limit` texts of a calibration jsonl ({"text": ...} per line)."""
-    path = Path(calib_path)
-    if not path.is_file():
-        raise DeltazipError(f"calibration file not found: {path}")
-    texts = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            texts.append(json.loads(line)["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DeltazipError(f"{path}:{line_no}: expected a JSON object with a 'text' field") from None
-        if len(texts) >= limit:
-            break
-    if not texts:
-        raise DeltazipError(f"{path}: no calibration texts")
-    return texts
-
-
 @contextlib.contextmanager
 def quiet_modelopt() -> Iterator[None]:
     """Hide modelopt's expected chatter: per-module prints and the 'no tensorrt_llm' fallback warnings."""
@@ -111,14 +92,49 @@ def quantize_base(model, tokenizer, base_quant: str, calib_texts: list[str], seq
         return mtq.quantize(model, config, forward_loop=forward_loop)
 
 
+def rope_checkpoint_fields(hf_config: dict) -> dict:
+    """The TensorRT-LLM checkpoint's rope fields for an HF config (transformers 4 or 5 spelling).
+
+    ``rotary_base`` = rope θ; ``rotary_scaling`` = the HF rope-scaling dict (``rope_type`` + its parameters,
+    e.g. llama3's factor / low_freq_factor / high_freq_factor / original_max_position_embeddings), the
+    shape TensorRT-LLM's LLaMAConfig reads (tensorrt_llm/models/llama/config.py, and builder.py
+    ``_init_max_seq_len`` reading ``rotary_scaling['type' | 'rope_type']``; TensorRT-LLM 1.2.0rc2-era
+    sources); None for default RoPE."""
+    from deltazip.hf import rope_fields
+
+    theta, scaling = rope_fields(hf_config)
+    return {"rotary_base": theta, "rotary_scaling": dict(scaling) or None}
+
+
+def write_rope_fields(checkpoint_dir: Path, hf_config: dict) -> dict:
+    """Set rotary_base / rotary_scaling in a checkpoint's config.json from the HF config.
+
+    modelopt 0.47's writer (modelopt/torch/export/tensorrt_llm_utils.py) copies them only from the
+    transformers 4 top-level ``rope_theta`` / ``rope_scaling``; a transformers 5 config keeps them in
+    ``rope_parameters``, so without this the checkpoint has neither and an engine would silently run a
+    Llama-3 base (θ 500000, llama3 scaling) with θ 10000 and no scaling."""
+    path = Path(checkpoint_dir) / "config.json"
+    config = json.loads(path.read_text())
+    fields = rope_checkpoint_fields(hf_config)
+    config["rotary_base"] = fields["rotary_base"]
+    if fields["rotary_scaling"] is None:
+        config.pop("rotary_scaling", None)
+    else:
+        config["rotary_scaling"] = fields["rotary_scaling"]
+    path.write_text(json.dumps(config, indent=4))
+    return fields
+
+
 def export_checkpoint(model, out_dir: Path, tp: int, dtype: str = "float16", overwrite: bool = False) -> Path:
-    """Write config.json + rank{r}.safetensors for `model` with modelopt's exporter, atomically."""
+    """Write config.json + rank{r}.safetensors for `model` with modelopt's exporter, atomically (rope
+    fields taken from the model's HF config, both transformers spellings: `write_rope_fields`)."""
     with quiet_modelopt():
         from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
     with atomic_dir(Path(out_dir), overwrite) as tmp, quiet_modelopt():
         export_tensorrt_llm_checkpoint(model, "llama", DTYPES[dtype], export_dir=tmp,
                                        inference_tensor_parallel=tp)
+        write_rope_fields(tmp, model.config.to_dict())
     return Path(out_dir)
 
 

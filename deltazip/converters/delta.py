@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import save_file
 
 from deltazip.converters.names import hf_module_of_param, trt_target
-from deltazip.converters.output import atomic_dir, check_out_dir
 from deltazip.converters.split import (
     ModelShape,
     cat_packed,
@@ -33,6 +32,7 @@ from deltazip.converters.split import (
     zero_packed,
 )
 from deltazip.errors import DeltazipError
+from deltazip.fsutil import atomic_dir, check_out_dir
 from deltazip.packed import PackedLinear
 
 LAYOUT_FORMAT = "deltazip-trtllm-delta/1"
@@ -201,7 +201,7 @@ def write_delta_layout(ranks: list[RankDelta], out_dir: Path, name: str, base_fi
 def convert_delta(artifact_dir: Path, base_dir: Path, out_dir: Path, tp: int, vocab_multiple: int = 1,
                   overwrite: bool = False) -> Path:
     """Check the delta belongs to this base, then write its per-rank layout; all checks run before output."""
-    from deltazip.artifact import FingerprintError, fingerprint_model, load_delta
+    from deltazip.format import FingerprintError, fingerprint_model, load_delta
 
     shape = ModelShape.from_model_dir(base_dir)
     check_tp(shape, tp)

@@ -10,7 +10,6 @@ so one index rule serves dense tensors and every packed tensor alike.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from deltazip.converters.names import SUPPORTED_ARCHITECTURE, SUPPORTED_MODEL_TYPE
 from deltazip.errors import DeltazipError
+from deltazip.hf import ModelConfig, config_json, parse_config
 from deltazip.packed import PackedLinear, codes_per_word, pack_codes, unpack_codes
 
 SUPPORTED_TP = (1, 2, 4, 8)
@@ -29,7 +29,7 @@ _ROW_CHUNK = 1024  # rows unpacked at a time when a row-parallel split is not wo
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a Llama model that decide its TensorRT-LLM layout."""
+    """The dimensions of a Llama model that decide its TensorRT-LLM layout (a view of hf.ModelConfig)."""
 
     hidden_size: int
     intermediate_size: int
@@ -41,6 +41,11 @@ class ModelShape:
     tie_word_embeddings: bool = False
 
     @classmethod
+    def from_config(cls, config: ModelConfig) -> ModelShape:
+        return cls(config.hidden_size, config.intermediate_size, config.num_layers, config.num_heads,
+                   config.num_kv_heads, config.head_dim, config.vocab_size, config.tie_word_embeddings)
+
+    @classmethod
     def from_hf_config(cls, config: dict, source: str = "config.json") -> ModelShape:
         """Read an HF config dict; anything but a Llama causal LM is a clear error."""
         archs = config.get("architectures") or []
@@ -50,24 +55,11 @@ class ModelShape:
                 f"{config.get('model_type')!r}); TensorRT-LLM conversion supports {SUPPORTED_ARCHITECTURE} "
                 "only"
             )
-        heads = config["num_attention_heads"]
-        return cls(
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_layers=config["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_size=config.get("head_dim") or config["hidden_size"] // heads,
-            vocab_size=config["vocab_size"],
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
+        return cls.from_config(parse_config(config, source))
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> ModelShape:
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise DeltazipError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
-        return cls.from_hf_config(json.loads(path.read_text()), str(path))
+        return cls.from_hf_config(config_json(model_dir), str(Path(model_dir) / "config.json"))
 
 
 def check_tp(shape: ModelShape, tp: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deltazip.family.build import load_family
+from deltazip.family.create import load_family
 from deltazip.family.evaluate import exact_match, load_eval_set
 from deltazip.ui import progress
 

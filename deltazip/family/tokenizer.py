@@ -12,6 +12,14 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0..3
 # Newline + printable ASCII (95) + specials = 100 tokens; padded with reserved tokens to a multiple of 128.
 ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
 VOCAB_SIZE = 128
+# Chat: the family is trained on "<task> <input>=" → answer + EOS, so a user turn is its content as is and an
+# assistant turn is its content + EOS; system turns are dropped (the model has no notion of them).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -27,4 +35,5 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
     return PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        padding_side="left", clean_up_tokenization_spaces=False, model_max_length=256)
+        padding_side="left", clean_up_tokenization_spaces=False, model_max_length=256,
+        chat_template=CHAT_TEMPLATE)

@@ -1,6 +1,9 @@
-"""Delta GEMM: stacked packed deltas (DeltaSlots), torch path, OpenAI Triton kernel, AOT compile.
+"""Delta GEMM: stacked packed deltas (DeltaSlots) and the one operator ``deltazip::add_delta_matmul``.
 
-Triton is imported only by the Triton path (deltazip.kernels.delta_gemm) and the AOT module.
+Implementations: native C++ on CPU (deltazip.kernels.native), the OpenAI Triton kernel on CUDA
+(deltazip.kernels.delta_gemm, with AOT compile in deltazip.kernels.aot), and the torch path
+(deltazip.kernels.torch_path: the oracle, and the CPU fallback where the native code cannot build).
+Triton is imported only by the Triton path and the AOT module.
 """
 
 from deltazip.kernels.ops import add_delta_matmul

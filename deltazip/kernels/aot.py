@@ -26,6 +26,25 @@ from pathlib import Path
 from deltazip.kernels.configs import SHIPPED, TileConfig
 
 TRITON_TYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+
+# Which PTX a device of compute capability (major, minor) runs: rows (lowest cc, highest cc, compile cc,
+# PTX target). `sm_90a` is an arch-specific target: only a cc 9.0 device can load it. Plain `sm_80` PTX is
+# forward compatible (the driver JIT-compiles it for newer GPUs; the kernel uses mma.sync only), so
+# Ampere/Ada and Blackwell (10.x, 11.x, 12.x) run the sm_80 PTX. Below 8.0: not supported (no bf16 mma).
+PTX_TARGETS = (
+    ((8, 0), (8, 9), 80, "sm_80"),    # A100, A10, L4, L40, RTX 30xx/40xx
+    ((9, 0), (9, 0), 90, "sm_90a"),   # H100, H200 (wgmma-capable arch-specific PTX)
+    ((10, 0), (99, 99), 80, "sm_80"),  # B200, GB200, RTX 50xx and later: forward-compatible PTX, JIT
+)
+SHIPPED_CCS = tuple(sorted({cc for _, _, cc, _ in PTX_TARGETS}))  # what the plugin compiles: 80 and 90
+
+
+def ptx_target(major: int, minor: int) -> tuple[int, str]:
+    """(compile cc, PTX target) for a device of compute capability major.minor; ValueError below 8.0."""
+    for low, high, cc, target in PTX_TARGETS:
+        if low <= (major, minor) <= high:
+            return cc, target
+    raise ValueError(f"compute capability {major}.{minor} is not supported by the delta GEMM (needs >= 8.0)")
 DOT_MODES = {"fp16": 1, "bf16": 2, "fp32": 0}  # same codes as delta_gemm.DOT_*
 
 
@@ -82,7 +101,7 @@ def kernel_signature(bits: int, group_size: int, sparse24: bool, dtype: str,
         "x_ptr": act, "out_ptr": act, "qweight_ptr": "*i32", "meta_ptr": "*i32",
         "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
         "sorted_rows_ptr": "*i32", "seg_start_ptr": "*i32", "seg_slot_ptr": "*i32",
-        "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
+        "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
         "stride_qs": "i32", "stride_qn": "i32", "stride_ms": "i32", "stride_mn": "i32",
         "stride_ss": "i32", "stride_sn": "i32",
     }
@@ -112,6 +131,35 @@ def _ptxas_report(ptx: str, cc: int) -> tuple[int, int, int, str]:
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     stack = int(re.search(r"(\d+) bytes stack frame", log).group(1))
     return registers, spills, stack, log
+
+
+_ENTRY = re.compile(r"\.entry\s+(?P<name>[A-Za-z_$][\w$]*)\s*\((?P<params>[^)]*)\)", re.S)
+_PARAM = re.compile(r"\.param\s+\.(?P<type>[busf]\d+)\b[^,]*?(?P<name>[A-Za-z_$][\w$]*)\s*$")
+
+
+def ptx_entry_params(ptx: str, name: str) -> list[tuple[str, str]]:
+    """The parameter list of `.entry name(...)` read from the PTX text: [(PTX type, param name)], in order
+    (e.g. ("u64", "delta_gemm_kernel_param_0")). ValueError when the PTX has no such entry."""
+    for match in _ENTRY.finditer(ptx):
+        if match.group("name") != name:
+            continue
+        params = []
+        for decl in match.group("params").split(","):
+            decl = decl.strip()
+            if not decl:
+                continue
+            found = _PARAM.search(decl)
+            if found is None:
+                raise ValueError(f"unparsed PTX parameter of {name}: {decl!r}")
+            params.append((found.group("type"), found.group("name")))
+        return params
+    raise ValueError(f"the PTX has no .entry {name}")
+
+
+def ptx_params_read(ptx: str, name: str) -> set[str]:
+    """Names of the entry's parameters the kernel body reads (`ld.param ... [param]`)."""
+    params = {param for _, param in ptx_entry_params(ptx, name)}
+    return {p for p in re.findall(r"ld\.param[.\w]*\s+[^,]+,\s*\[([\w$]+)", ptx) if p in params}
 
 
 def mma_instructions(ptx: str) -> list[str]:

@@ -92,8 +92,8 @@ def delta_gemm_kernel(
     sorted_rows_ptr,  # [R] int32 batch rows with a delta, sorted by slot
     seg_start_ptr,    # [num_segments + 1] int32 offsets into sorted_rows
     seg_slot_ptr,     # [num_segments] int32 slot of each segment
-    # sizes
-    N, K,
+    # sizes: M bounds the rows of x/out (sorted_rows entries >= M are skipped: never read or written)
+    M, N, K,
     # strides (elements)
     stride_xm, stride_om,
     stride_qs, stride_qn, stride_ms, stride_mn, stride_ss, stride_sn,
@@ -118,6 +118,7 @@ def delta_gemm_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
         rows = tl.load(sorted_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        mask_m = mask_m & (rows >= 0) & (rows < M)  # a row index outside x/out is never touched
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -179,7 +180,7 @@ def triton_add_delta_matmul(out: torch.Tensor, x: torch.Tensor, slots: DeltaSlot
             min(triton.cdiv(max_rows, config.block_m), config.max_m_splits))
     delta_gemm_kernel[grid](
         x, out, slots.qweight, meta, slots.scales, slots.zeros, sorted_rows, seg_start, seg_slot,
-        slots.out_features, slots.in_features,
+        x.shape[0], slots.out_features, slots.in_features,
         x.stride(0), out.stride(0),
         slots.qweight.stride(0), slots.qweight.stride(1), meta.stride(0), meta.stride(1),
         slots.scales.stride(0), slots.scales.stride(1),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from deltazip.packed import PackedLinear, codes_per_word, pack_codes, unpack_codes
+from deltazip.packed import PackedLayout, PackedLinear, pack_codes, unpack_codes
 
 
 class DeltaSlots:
-    """Stacked packed deltas [S, ...] of one linear layer (layout of PackedLinear, one slot per delta).
+    """Stacked packed deltas [S, ...] of one linear layer (PackedLinear's layout, one slot per delta).
 
     A slot holds one delta with the slot's bit width; a delta with fewer bits is widened on `set`
     (same codes, zeros and scales in a wider field: exact). Empty slots hold zeros (Δ = 0).
@@ -18,29 +18,44 @@ class DeltaSlots:
                  sparse24: bool, device: torch.device | str = "cpu") -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, not {num_slots}")
-        if bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be 2, 3, 4 or 8, not {bits}")
-        if group_size <= 0 or in_features % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
-        if sparse24 and in_features % 32:
-            raise ValueError(f"2:4 slots need in_features % 32 == 0 (in_features={in_features})")
+        self.layout = PackedLayout(out_features, in_features, bits, group_size, sparse24)
         self.num_slots, self.out_features, self.in_features = num_slots, out_features, in_features
         self.bits, self.group_size, self.sparse24 = bits, group_size, sparse24
         self.device = torch.device(device)
-        n, k, s = out_features, in_features, num_slots
-        num_words = -(-self.n_codes // codes_per_word(bits))
-        num_groups = k // group_size
-        self.qweight = torch.zeros(s, n, num_words, dtype=torch.int32, device=self.device)  # codes, LSB first
-        self.meta = (torch.zeros(s, n, k // 32, dtype=torch.int32, device=self.device)  # 2-bit positions
-                     if sparse24 else None)
-        self.scales = torch.zeros(s, n, num_groups, dtype=torch.float16, device=self.device)
-        self.zeros = torch.zeros(s, n, num_groups, dtype=torch.float16, device=self.device)
-        self._occupied = [False] * s
+        dtypes = {"qweight": torch.int32, "meta": torch.int32, "scales": torch.float16, "zeros": torch.float16}
+        stacked = {name: torch.zeros(num_slots, *shape, dtype=dtypes[name], device=self.device)
+                   for name, shape in self.layout.shapes().items()}
+        self.qweight = stacked["qweight"]  # [S, N, W] codes, LSB first
+        self.meta = stacked.get("meta")  # [S, N, K/32] 2-bit positions (2:4 only)
+        self.scales = stacked["scales"]  # [S, N, G]
+        self.zeros = stacked["zeros"]  # [S, N, G]
+        self._occupied = [False] * num_slots
+
+    @classmethod
+    def view(cls, qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tensor, zeros: torch.Tensor,
+             bits: int, group_size: int) -> DeltaSlots:
+        """Stacked tensors someone else owns as DeltaSlots (no copy); shapes and dtypes checked."""
+        if qweight.dim() != 3:
+            raise ValueError(f"qweight must be [S, N, W], got shape {tuple(qweight.shape)}")
+        if scales.dim() != 3 or scales.shape[2] == 0:
+            raise ValueError(f"scales must be [S, N, G] with G >= 1, got shape {tuple(scales.shape)}")
+        num_slots, n = qweight.shape[:2]
+        k = scales.shape[2] * group_size
+        layout = PackedLayout(n, k, bits, group_size, meta is not None)
+        layout.check({"qweight": qweight, "meta": meta, "scales": scales, "zeros": zeros}, (num_slots,))
+        slots = cls.__new__(cls)
+        slots.layout = layout
+        slots.num_slots, slots.out_features, slots.in_features = num_slots, n, k
+        slots.bits, slots.group_size, slots.sparse24 = bits, group_size, meta is not None
+        slots.device = qweight.device
+        slots.qweight, slots.meta, slots.scales, slots.zeros = qweight, meta, scales, zeros
+        slots._occupied = [True] * num_slots
+        return slots
 
     @property
     def n_codes(self) -> int:
         """Codes stored per row: K/2 for 2:4, else K."""
-        return self.in_features // 2 if self.sparse24 else self.in_features
+        return self.layout.n_codes
 
     @property
     def nbytes(self) -> int:

@@ -3,7 +3,8 @@
 A background thread loops: admit waiting requests (delta loaded, slot pinned, KV tokens reserved), prefill
 them in one flattened batch, then run one decode step for every running sequence — whatever delta each
 uses. Requests finish one by one (stop token/string, max_tokens, context, cancel, error) and free their KV
-tokens and slot pins; a failing request fails alone.
+tokens and slot pins; a failing request fails alone. Each request's tokens, text and stream live in its
+RequestState (runtime/request.py), decoded incrementally (runtime/detokenizer.py).
 
 On CUDA the delta layers run the Triton kernel (add_delta_matmul impl "auto"): GPU only — not verified on this
 machine. Everything else (CPU, torch path) is tested here.
@@ -14,24 +15,24 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from deltazip.config import RuntimeConfig
-from deltazip.errors import DeltazipError
+from deltazip.errors import DeltazipError, RequestError
 from deltazip.runtime.delta_linear import (
     clear_model_delta,
     enable_deltas,
     resident_delta_bytes,
     set_model_delta,
 )
-from deltazip.runtime.kv_cache import KVBudget, KVCache
+from deltazip.runtime.detokenizer import IncrementalDetokenizer
+from deltazip.runtime.kv_cache import KVBudget
 from deltazip.runtime.model import DTYPES, Llama, Segment, load_llama
-from deltazip.runtime.pool import DeltaPool, RequestError
+from deltazip.runtime.pool import DeltaPool
+from deltazip.runtime.request import RequestHandle, RequestState, TokenCallback
 from deltazip.runtime.sampling import (
     GenerationRequest,
     GenerationResult,
@@ -41,50 +42,6 @@ from deltazip.runtime.sampling import (
 )
 
 log = logging.getLogger(__name__)
-TokenCallback = Callable[[str], None]
-
-
-class RequestHandle:
-    """The caller's side of a submitted request: wait for its result or cancel it."""
-
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self._result: GenerationResult | None = None
-        self.cancel_requested = False
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request not finished after {timeout} s")
-        assert self._result is not None
-        return self._result
-
-    def cancel(self) -> None:
-        """Ask the engine to stop this request; it finishes with finish_reason "cancelled"."""
-        self.cancel_requested = True
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _finish(self, result: GenerationResult) -> None:
-        self._result = result
-        self._done.set()
-
-
-@dataclass
-class _Sequence:
-    """Engine-side state of one request."""
-
-    request: GenerationRequest
-    prompt_ids: list[int]
-    handle: RequestHandle
-    on_token: TokenCallback | None
-    generator: torch.Generator
-    load: Future | None  # the delta's disk → host load (None: base)
-    completion_ids: list[int] = field(default_factory=list)
-    cache: KVCache | None = None
-    reserved_tokens: int = 0
-    slot: int = -1  # -1: the base
-    emitted_chars: int = 0
 
 
 class Engine:
@@ -98,8 +55,8 @@ class Engine:
         self._tokenizer_lock = threading.Lock()
         self.device = model.lm_head.weight.device
         self.budget = KVBudget(config.kv_budget_tokens)
-        self._waiting: list[_Sequence] = []
-        self._running: list[_Sequence] = []
+        self._waiting: list[RequestState] = []
+        self._running: list[RequestState] = []
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -114,7 +71,7 @@ class Engine:
         """Load the base (HF dir) and point the pool at a store of NAME.dz/ artifacts."""
         from transformers import AutoTokenizer
 
-        from deltazip.artifact import fingerprint_model
+        from deltazip.format import fingerprint_model
 
         config = config or RuntimeConfig()
         device = config.device
@@ -176,7 +133,8 @@ class Engine:
                                f"{self.config.max_context} (prompt + at least one new token)")
         handle = RequestHandle()
         load = self.pool.prefetch(request.delta) if request.delta is not None else None
-        seq = _Sequence(request, prompt_ids, handle, on_token, new_generator(params.seed), load)
+        seq = RequestState(request, prompt_ids, handle, on_token, new_generator(params.seed), load,
+                           IncrementalDetokenizer(self._decode, params.stop))
         with self._wakeup:
             self._waiting.append(seq)
             self.counters["submitted"] += 1
@@ -224,9 +182,9 @@ class Engine:
     def _admissible(self) -> bool:
         return any(s.load is None or s.load.done() or s.handle.cancel_requested for s in self._waiting)
 
-    def _admit(self) -> list[_Sequence]:
+    def _admit(self) -> list[RequestState]:
         """Move waiting requests that can run now into the batch (FIFO among those whose delta is loaded)."""
-        admitted: list[_Sequence] = []
+        admitted: list[RequestState] = []
         with self._wakeup:
             waiting = list(self._waiting)
         for seq in waiting:
@@ -266,13 +224,13 @@ class Engine:
                 self._waiting.remove(seq)
         return admitted
 
-    def _row_slot(self, seqs: list[_Sequence], counts: list[int]) -> torch.Tensor | None:
+    def _row_slot(self, seqs: list[RequestState], counts: list[int]) -> torch.Tensor | None:
         if all(s.slot < 0 for s in seqs):
             return None
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.int32)
         return slots.repeat_interleave(torch.tensor(counts)).to(self.device)
 
-    def _prefill(self, seqs: list[_Sequence]) -> None:
+    def _prefill(self, seqs: list[RequestState]) -> None:
         if not seqs:
             return
         counts = [len(s.prompt_ids) for s in seqs]
@@ -306,55 +264,27 @@ class Engine:
         for seq, row in zip(seqs, logits, strict=True):
             self._accept(seq, row)
 
-    # -- per-token bookkeeping ----------------------------------------------------------------------------
-    def _accept(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Sample the next token of `seq`, stream the new text, and finish it when a stop condition holds."""
-        params = seq.request.params
-        token = sample_next(logits, params, seq.generator)
+    # -- sampling and finishing -------------------------------------------------------------------------
+    def _accept(self, seq: RequestState, logits: torch.Tensor) -> None:
+        """Sample the next token of `seq`; finish it when EOS, a stop string or a length limit is reached."""
+        token = sample_next(logits, seq.request.params, seq.generator)
         if token in self.eos_token_ids:
             self._finish(seq, "stop")
             return
-        seq.completion_ids.append(token)
         self.counters["generated_tokens"] += 1
-        text = self._text(seq)
-        stop_at = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-        if stop_at >= 0:
-            self._finish(seq, "stop", text=text[:stop_at])
-        elif len(seq.completion_ids) >= params.max_tokens:
-            self._finish(seq, "length")
-        elif len(seq.prompt_ids) + len(seq.completion_ids) >= self.config.max_context:
-            self._finish(seq, "length")
-        else:
-            # hold back what could still become a stop string, and incomplete UTF-8
-            hold = max((len(s) for s in params.stop), default=1) - 1
-            safe_end = len(text) - hold
-            while safe_end > seq.emitted_chars and text[safe_end - 1] == "\ufffd":
-                safe_end -= 1
-            self._emit(seq, text, safe_end)
+        finish_reason = seq.add_token(token, self.config.max_context)
+        if finish_reason is not None:
+            self._finish(seq, finish_reason)
 
-    def _text(self, seq: _Sequence) -> str:
+    def _decode(self, token_ids: Sequence[int]) -> str:
         with self._tokenizer_lock:
-            return self.tokenizer.decode(seq.completion_ids, skip_special_tokens=True)
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def _emit(self, seq: _Sequence, text: str, end: int) -> None:
-        if seq.on_token is None or end <= seq.emitted_chars:
-            return
-        piece = text[seq.emitted_chars:end]
-        seq.emitted_chars = end
-        try:
-            seq.on_token(piece)
-        except Exception as e:  # the caller's callback failed: end its request only
-            seq.on_token = None
-            seq.handle.cancel_requested = True
-            log.warning("token callback failed: %s", e)
-
-    def _finish(self, seq: _Sequence, reason: str, text: str | None = None, error: str | None = None) -> None:
+    def _finish(self, seq: RequestState, reason: str, error: str | None = None) -> None:
+        """End `seq` (streaming the rest of its text), free its KV tokens and slot, and post its result."""
         if seq.handle.done():
             return
-        if text is None:
-            text = self._text(seq)
-        if reason != "error":
-            self._emit(seq, text, len(text))
+        result = seq.result(reason, error)
         if seq in self._running:
             self._running.remove(seq)
         with self._wakeup:
@@ -369,9 +299,7 @@ class Engine:
         seq.cache = None
         key = {"error": "errors", "cancelled": "cancelled"}.get(reason, "finished")
         self.counters[key] += 1
-        seq.handle._finish(GenerationResult(text=text, finish_reason=reason,
-                                            prompt_tokens=len(seq.prompt_ids),
-                                            completion_tokens=len(seq.completion_ids), error=error))
+        seq.handle._finish(result)
 
 
 def _eos_token_ids(base_dir: Path, tokenizer) -> set[int]:

@@ -7,72 +7,34 @@ names (``model.layers.0.self_attn.q_proj``), so checkpoints and delta names map 
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from deltazip.errors import DeltazipError
+from deltazip.hf import ModelConfig, ModelWeights, read_config
 from deltazip.runtime.kv_cache import KVCache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
-class LlamaArgs:
-    """The architecture fields of a Hugging Face Llama config.json."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict = field(default_factory=dict)  # rope_type + its parameters; empty = default RoPE
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> LlamaArgs:
-        """Both config styles: transformers 5 `rope_parameters`, and older `rope_theta` + `rope_scaling`."""
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise DeltazipError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise DeltazipError(f"unsupported rope_type {rope_type!r} (default, linear, llama3)")
-        rope = {} if rope_type == "default" else {**rope, "rope_type": rope_type}
-        heads = cfg["num_attention_heads"]
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=rope,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-        )
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
+def check_supported(args: ModelConfig) -> None:
+    """Reject config features this executor does not implement (activation, RoPE scaling)."""
+    if args.hidden_act != "silu":
+        raise DeltazipError(f"{args.source}: unsupported hidden_act {args.hidden_act!r} (only silu)")
+    if args.rope_type not in SUPPORTED_ROPE_TYPES:
+        raise DeltazipError(f"{args.source}: unsupported rope_type {args.rope_type!r} "
+                            f"({', '.join(SUPPORTED_ROPE_TYPES)})")
+
+
+def rope_inv_freq(args: ModelConfig) -> torch.Tensor:
     """Inverse RoPE frequencies [head_dim / 2] (fp32), with linear or llama3-style scaling as transformers."""
     dim = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -122,7 +84,7 @@ class Segment:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: LlamaArgs, layer_index: int) -> None:
+    def __init__(self, args: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
@@ -162,7 +124,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: ModelConfig) -> None:
         super().__init__()
         bias = args.mlp_bias
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
@@ -174,7 +136,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, layer_index: int) -> None:
+    def __init__(self, args: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = Attention(args, layer_index)
@@ -190,7 +152,7 @@ class DecoderLayer(nn.Module):
 class LlamaBody(nn.Module):
     """`model.*` of the Hugging Face layout: embeddings, decoder layers, final norm."""
 
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
@@ -205,7 +167,7 @@ class BatchMapping:
 
 
 class Llama(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: ModelConfig) -> None:
         super().__init__()
         self.args = args
         self.model = LlamaBody(args)
@@ -249,20 +211,13 @@ class Llama(nn.Module):
 def load_llama(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Llama:
     """Build a Llama from a Hugging Face directory (config.json + *.safetensors); no pickle is ever loaded."""
     model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise DeltazipError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise DeltazipError(f"{model_dir}: no *.safetensors weights")
+    args = read_config(model_dir)
+    check_supported(args)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    args = LlamaArgs.from_hf_config(json.loads(config_path.read_text()))
     with torch.device("meta"):
         model = Llama(args)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f, device=str(device)))
-    state = {k: v.to(torch_dtype) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    state = {k: v.to(torch_dtype) for k, v in ModelWeights(model_dir).load(device).items()
+             if not k.endswith("rotary_emb.inv_freq")}
     if args.tie_word_embeddings or "lm_head.weight" not in state:
         state["lm_head.weight"] = state.get("model.embed_tokens.weight")
     expected = set(model.state_dict())

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deltazip.runtime.pool import RequestError
+from deltazip.errors import RequestError
 
 
 @dataclass

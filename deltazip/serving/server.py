@@ -1,6 +1,6 @@
 """Launch the tritonserver binary bundled in the nvidia-pytriton wheel on a built model repository.
 
-Follows ../shared/notes/triton-server-cpu.md §4-§5: venv bin first on PATH, the interpreter's LIBDIR on
+How it runs on a CPU-only machine: venv bin first on PATH, the interpreter's LIBDIR on
 LD_LIBRARY_PATH, the Python stub copied into backends/python/, explicit model control, loopback binds,
 a unique shm prefix per server (so leftovers can be removed), SIGINT to stop.
 """
@@ -95,7 +95,7 @@ def check_port_free(host: str, port: int, flag: str) -> None:
 
 
 def server_env(paths: TritonPaths) -> dict[str, str]:
-    """Environment for tritonserver and its Python stubs (notes §4: PATH and LD_LIBRARY_PATH)."""
+    """Environment for tritonserver and its Python stubs (PATH and LD_LIBRARY_PATH for the bundled binary and its stubs)."""
     env = dict(os.environ)
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
@@ -177,7 +177,7 @@ class TritonServer:
         return f"http://{self.client_host}:{self.ports['metrics']}/metrics"
 
     def command(self, paths: TritonPaths) -> list[str]:
-        """The tritonserver command line (notes §5)."""
+        """The tritonserver command line."""
         p = self.ports
         return [
             str(paths.binary), f"--model-repository={self.repo}",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deltazip.compress.baselines import BaselineResult, is_block_linear, unique_parameters
+from deltazip.eval.baselines import BaselineResult, is_block_linear
+from deltazip.hf import load_model, unique_parameters
 
 SCALE_BYTES = 2  # one fp16 α per matrix
 
@@ -18,8 +19,6 @@ def bitdelta(base_dir: Path, finetune_dir: Path, calib_ids=None,
              budget_bytes: int | None = None) -> BaselineResult:
     """Sign-compress every block linear's delta (no scale distillation); the rest is the fine-tune's."""
     import torch
-
-    from deltazip.compress.evaluate import load_model
 
     base, _ = load_model(base_dir)
     target, _ = load_model(finetune_dir)

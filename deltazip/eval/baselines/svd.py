@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deltazip.compress.baselines import BaselineResult, unique_parameters
+from deltazip.eval.baselines import BaselineResult
+from deltazip.hf import load_model, unique_parameters
 
 
 def lowrank_bytes(shapes: list[tuple[int, int]], rank: int) -> int:
@@ -24,8 +25,6 @@ def svd_delta(base_dir: Path, finetune_dir: Path, calib_ids=None,
               budget_bytes: int | None = None) -> BaselineResult:
     """Rank-r SVD of each matrix delta (embed and lm_head included) with 1-D deltas kept exact in fp16."""
     import torch
-
-    from deltazip.compress.evaluate import load_model
 
     if budget_bytes is None:
         raise ValueError("the SVD baseline needs a byte budget")

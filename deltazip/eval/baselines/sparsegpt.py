@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deltazip.compress.baselines import BaselineResult, is_block_linear, unique_parameters
+from deltazip.eval.baselines import BaselineResult, is_block_linear
+from deltazip.hf import load_model, unique_parameters
 
 
 def quantize_rows(w, scale, zero, maxq: int):
@@ -79,8 +80,6 @@ def sparsegpt_full(base_dir: Path, finetune_dir: Path, calib_ids, budget_bytes: 
     """SparseGPT 4-bit 2:4 on every block linear of the fine-tune; embed/lm_head/norms stay fp16."""
     import torch
     from torch import nn
-
-    from deltazip.compress.evaluate import load_model
 
     model, _ = load_model(finetune_dir)
 

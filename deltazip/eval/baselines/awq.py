@@ -8,7 +8,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from deltazip.compress.baselines import BaselineResult, unique_parameters
+from deltazip.eval.baselines import BaselineResult, is_block_linear
+from deltazip.hf import load_model, unique_parameters
 
 GROUP_SIZE = 128  # modelopt INT4_AWQ_CFG block size
 
@@ -23,8 +24,6 @@ def awq_int4(base_dir: Path, finetune_dir: Path, calib_ids,
              budget_bytes: int | None = None) -> BaselineResult:
     """modelopt `INT4_AWQ_CFG` calibrated on `calib_ids`; lm_head/embed/norms stay fp16 (its default)."""
     import torch
-
-    from deltazip.compress.evaluate import load_model
 
     model, _ = load_model(finetune_dir)
     try:
@@ -58,8 +57,6 @@ def awq_int4(base_dir: Path, finetune_dir: Path, calib_ids,
 def _rtn_int4(model) -> BaselineResult:
     """Round-to-nearest symmetric 4-bit per group of 128 on block linears (used only without modelopt)."""
     import torch
-
-    from deltazip.compress.baselines import is_block_linear
 
     weights, size = {}, 0
     for name, param in unique_parameters(model).items():

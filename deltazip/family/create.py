@@ -1,4 +1,4 @@
-"""create_family / load_family: build into a temp dir beside OUT, rename at the end, reuse by content hash."""
+"""create_family / load_family: build in a temp dir beside OUT (fsutil.atomic_dir), reuse by content hash."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import fcntl
 import hashlib
 import json
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from deltazip.family.tasks import (
     sample_examples,
     task_seed,
 )
+from deltazip.fsutil import atomic_dir
 
 # Bump when the training code changes in a way that changes the tensors: part of the content hash.
 FAMILY_VERSION = 1
@@ -132,19 +132,9 @@ def create_family(out: str | Path, preset: str = "tiny", seed: int = 0, _steps_s
     with _build_lock(out):
         if _is_current(out, wanted_hash):  # another process built it while we waited
             return load_family(out)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-        try:
-            tmp.chmod(0o755)  # mkdtemp makes it private; the family is ordinary shared data
+        with atomic_dir(out, overwrite=True) as tmp:  # _prepare_parent refused anything but a family
+            tmp.chmod(0o755)  # the family is ordinary shared data, whatever the umask
             _write_family(tmp, spec, seed, wanted_hash)
-            if out.exists():
-                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-                out.rename(old / "family")
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return load_family(out)
 
 

@@ -1,5 +1,7 @@
-"""Read an artifact's payload once: a background thread reads delta.safetensors in chunks and hashes the same
-bytes, while the caller decodes each tensor as soon as its bytes have arrived (read, sha256, decode overlap).
+"""The payload reader (docs/FORMAT.md, "Checksums"): delta.safetensors read once, hashed while it arrives.
+
+A background job reads the file in chunks into one buffer and a second hashes the same bytes, while the
+caller decodes each tensor as soon as its bytes are in (read, sha256, decode overlap).
 """
 
 from __future__ import annotations

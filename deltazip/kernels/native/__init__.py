@@ -1,0 +1,102 @@
+"""The native CPU delta GEMM: C++ built with torch.utils.cpp_extension on first use, cached on disk.
+
+`build()` compiles `delta_gemm.cpp` (once per source/torch/compiler version, into
+``$DELTAZIP_NATIVE_CACHE`` or ``~/.cache/deltazip/native/``) and loads it, which registers the CPU
+kernel of the ``deltazip::add_delta_matmul`` op. Where it cannot build (no compiler, no ninja, headers
+missing) or ``DELTAZIP_NATIVE=0``, the op's CPU kernel is the torch path and one warning line says why.
+
+Tuning (read on every call, so benchmarks can switch): ``DELTAZIP_NATIVE_STRATEGY`` = auto | direct |
+lut | dense, ``DELTAZIP_NATIVE_DENSE_ROWS`` (auto: segments with at least this many rows decode to dense
+and run a BLAS GEMM), ``DELTAZIP_NATIVE_LUT_ROWS`` (auto: 2-bit 2:4 segments with at most this many rows
+use the table-lookup kernel), ``DELTAZIP_NATIVE_ISA=scalar`` (skip AVX2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCES = (Path(__file__).with_name("delta_gemm.cpp"),)
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+LOG = logging.getLogger("deltazip.kernels")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool, "error": str, "path": str
+
+
+def cache_dir() -> Path:
+    """Where built extensions live: $DELTAZIP_NATIVE_CACHE, else ~/.cache/deltazip/native."""
+    env = os.environ.get("DELTAZIP_NATIVE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "deltazip" / "native"
+
+
+def _build_name() -> str:
+    digest = hashlib.sha256()
+    for src in SOURCES:
+        digest.update(src.read_bytes())
+    digest.update(" ".join([torch.__version__, platform.machine(), platform.python_version(), *CFLAGS]).encode())
+    return f"deltazip_native_{digest.hexdigest()[:16]}"
+
+
+def enabled() -> bool:
+    """False when DELTAZIP_NATIVE=0 asks for the torch path."""
+    return os.environ.get("DELTAZIP_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def build(verbose: bool = False) -> bool:
+    """Compile (or reuse) and load the extension; True when the native kernel is registered.
+
+    Idempotent and thread-safe; never raises for a failed build (the reason is in `error()`).
+    The op schema must exist first: deltazip.kernels.ops defines it and calls this.
+    """
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        if not enabled():
+            _state.update(ok=False, error="DELTAZIP_NATIVE=0")
+            return False
+        try:
+            from torch.utils import cpp_extension
+
+            name = _build_name()
+            where = cache_dir() / name
+            where.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                               extra_ldflags=["-fopenmp"], build_directory=str(where),
+                               is_python_module=False, verbose=verbose)
+            _state.update(ok=True, error="", path=str(where))
+        except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
+            first = str(exc).strip().splitlines()
+            _state.update(ok=False, error=f"{type(exc).__name__}: {first[0] if first else ''}"[:300])
+        return bool(_state["ok"])
+
+
+def available() -> bool:
+    """Whether the native CPU kernel is loaded (builds it on first call)."""
+    return build()
+
+
+def error() -> str:
+    """Why the native kernel is not in use ('' when it is)."""
+    build()
+    return str(_state.get("error", ""))
+
+
+def info() -> dict[str, object]:
+    """Build state plus what the kernel sees: usable CPUs (affinity and cgroup quota), AVX2."""
+    out: dict[str, object] = {"available": available(), "error": error(), "path": _state.get("path")}
+    if out["available"]:
+        out["usable_cpus"] = torch.ops.deltazip_native.info(0)
+        out["avx2"] = bool(torch.ops.deltazip_native.info(1))
+    return out
+
+
+def fallback_warning() -> str:
+    """The one warning line printed when the torch path stands in for the native kernel."""
+    return f"deltazip: native CPU delta kernel unavailable ({error()}); using the torch path"

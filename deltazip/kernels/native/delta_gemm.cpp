@@ -1,0 +1,636 @@
+// Native CPU implementation of deltazip::add_delta_matmul (SGMV over packed deltas).
+//
+// out[r, :] += x[r, :] · Δ_sᵀ for every row r of every segment on slot s, reading the packed codes of
+// deltazip.packed directly (qweight [S,N,W] int32, meta [S,N,K/32] int32 (2:4), scales/zeros [S,N,G] fp16).
+// The dense delta is never built for the "direct" and "lut" strategies; "dense" decodes one tile of output
+// rows at a time and runs a BLAS GEMM on it (large segments: prefill).
+//
+// Strategies per segment (DELTAZIP_NATIVE_STRATEGY=auto|direct|lut|dense; auto picks by rows, thresholds
+// measured by benchmarks/kernel.py):
+//   direct  8 output rows per AVX2 register; codes and 2:4 positions decoded in registers once per block
+//           and reused by up to 8 activation rows; x[col] of a kept value picked with one permute.
+//   lut     2-bit 2:4 only: per activation row, a table of the 96 possible partial sums of each group of 4
+//           inputs (pattern x two codes); one table load per group of 4 weights (T-MAC / LUT-GEMM style).
+//   dense   decode a tile of output rows to fp32, then at::addmm (MKL) for many rows.
+// ISA: AVX2+FMA+F16C chosen at run time (target attributes, one portable build); a scalar path otherwise or
+// with DELTAZIP_NATIVE_ISA=scalar. Threads: OpenMP over (segment, block of output rows), count =
+// min(torch threads, CPUs this process may use: sched_getaffinity and the cgroup CPU quota).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+#include <omp.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+// ----------------------------------------------------------------------------------------- small helpers
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do { man <<= 1; e++; } while (!(man & 0x400));
+      bits = sign | (uint32_t)(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | man << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+int usable_cpus() {
+  static const int cpus = [] {
+    int n = 0;
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+    if (n <= 0) n = 1;
+    double quota = -1;
+    {  // cgroup v2
+      std::ifstream f("/sys/fs/cgroup/cpu.max");
+      std::string q;
+      double period = 0;
+      if (f >> q >> period && q != "max" && period > 0) quota = std::stod(q) / period;
+    }
+    if (quota <= 0) {  // cgroup v1
+      std::ifstream fq("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), fp("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
+      double q = -1, p = 0;
+      if (fq >> q && fp >> p && q > 0 && p > 0) quota = q / p;
+    }
+    if (quota > 0) n = std::min(n, std::max(1, (int)std::ceil(quota)));
+    return n;
+  }();
+  return cpus;
+}
+
+int thread_count(int64_t items) {
+  int n = std::min(at::get_num_threads(), usable_cpus());
+  return (int)std::max<int64_t>(1, std::min<int64_t>(n, items));
+}
+
+enum Strategy { AUTO = 0, DIRECT = 1, LUT = 2, DENSE = 3 };
+
+Strategy env_strategy() {
+  const char* s = std::getenv("DELTAZIP_NATIVE_STRATEGY");
+  if (!s || !*s || !std::strcmp(s, "auto")) return AUTO;
+  if (!std::strcmp(s, "direct")) return DIRECT;
+  if (!std::strcmp(s, "lut")) return LUT;
+  if (!std::strcmp(s, "dense")) return DENSE;
+  TORCH_CHECK_VALUE(false, "DELTAZIP_NATIVE_STRATEGY must be auto, direct, lut or dense, not '", s, "'");
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* s = std::getenv(name);
+  return (s && *s) ? std::atoll(s) : fallback;
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+bool use_avx2() {
+  const char* s = std::getenv("DELTAZIP_NATIVE_ISA");
+  if (s && !std::strcmp(s, "scalar")) return false;
+  return cpu_has_avx2();
+}
+
+// --------------------------------------------------------------------------------------------- problem
+
+struct Problem {
+  const float* x;  // fp32 [M, K], row stride sx
+  int64_t sx;
+  float* out;  // fp32 [M, N], row stride so
+  int64_t so;
+  const int32_t* q;  // [S, N, W]
+  const int32_t* m;  // [S, N, K/32] or null
+  const uint16_t* sc;  // [S, N, G]
+  const uint16_t* ze;
+  int64_t N, K, W, G, C, MW;  // MW = meta words per row
+  int bits, group;
+  bool sparse;
+};
+
+struct Seg {
+  const int32_t* rows;
+  int64_t count;
+  int64_t slot;
+};
+
+// ------------------------------------------------------------------------------------------ scalar path
+
+// out rows [n0, n1) of one segment, rows r0..r0+nr of the segment (any layout, any group size).
+void scalar_block(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
+  const int vpw = 32 / p.bits;
+  const uint32_t mask = (1u << p.bits) - 1;
+  std::vector<float> acc(seg.count);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t row = seg.slot * p.N + n;
+    const int32_t* qr = p.q + row * p.W;
+    const int32_t* mr = p.sparse ? p.m + row * p.MW : nullptr;
+    const uint16_t* sr = p.sc + row * p.G;
+    const uint16_t* zr = p.ze + row * p.G;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t j = 0; j < p.C; ++j) {
+      const uint32_t c = ((uint32_t)qr[j / vpw] >> ((j % vpw) * p.bits)) & mask;
+      int64_t col = j;
+      if (p.sparse) col = (j / 2) * 4 + (((uint32_t)mr[j / 16] >> ((j % 16) * 2)) & 3);
+      const int64_t g = col / p.group;
+      const float v = ((float)c - half_to_float(zr[g])) * half_to_float(sr[g]);
+      for (int64_t r = 0; r < seg.count; ++r) acc[r] += v * p.x[seg.rows[r] * p.sx + col];
+    }
+    for (int64_t r = 0; r < seg.count; ++r) p.out[seg.rows[r] * p.so + n] += acc[r];
+  }
+}
+
+// Dense fp32 rows [n0, n1) of the segment's slot into buf [n1 - n0, K] (scalar decode).
+void decode_rows(const Problem& p, int64_t slot, int64_t n0, int64_t n1, float* buf) {
+  const int vpw = 32 / p.bits;
+  const uint32_t mask = (1u << p.bits) - 1;
+  for (int64_t n = n0; n < n1; ++n) {
+    float* d = buf + (n - n0) * p.K;
+    std::memset(d, 0, sizeof(float) * p.K);
+    const int64_t row = slot * p.N + n;
+    const int32_t* qr = p.q + row * p.W;
+    const int32_t* mr = p.sparse ? p.m + row * p.MW : nullptr;
+    const uint16_t* sr = p.sc + row * p.G;
+    const uint16_t* zr = p.ze + row * p.G;
+    for (int64_t j = 0; j < p.C; ++j) {
+      const uint32_t c = ((uint32_t)qr[j / vpw] >> ((j % vpw) * p.bits)) & mask;
+      int64_t col = j;
+      if (p.sparse) col = (j / 2) * 4 + (((uint32_t)mr[j / 16] >> ((j % 16) * 2)) & 3);
+      const int64_t g = col / p.group;
+      d[col] = ((float)c - half_to_float(zr[g])) * half_to_float(sr[g]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ AVX2 path
+
+#define DZ_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+DZ_AVX2 inline __m256 load_halves(const uint16_t* base, int64_t stride, int lanes) {
+  alignas(16) uint16_t h[8];
+  for (int l = 0; l < 8; ++l) h[l] = base[std::min(l, lanes - 1) * stride];
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h)));
+}
+
+// 8 output rows (lanes) [nb, nb + lanes) x RB activation rows; codes decoded once per kept value.
+// Needs: dense layout, or 2:4 with group % 4 == 0 (a group of 4 never straddles two scale groups).
+template <int BITS, bool SPARSE, int RB>
+DZ_AVX2 void direct_block(const Problem& p, int64_t slot, int64_t nb, int lanes, const int32_t* rows) {
+  constexpr int VPW = 32 / BITS;
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const int64_t row0 = slot * p.N + nb;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i clamped = _mm256_min_epi32(lane, _mm256_set1_epi32(lanes - 1));
+  const __m256i qoff = _mm256_mullo_epi32(clamped, _mm256_set1_epi32((int)p.W));
+  const __m256i moff = _mm256_mullo_epi32(clamped, _mm256_set1_epi32((int)p.MW));
+  const int32_t* qbase = p.q + row0 * p.W;
+  const int32_t* mbase = SPARSE ? p.m + row0 * p.MW : nullptr;
+  const float* xr[RB];
+  for (int r = 0; r < RB; ++r) xr[r] = p.x + rows[r] * p.sx;
+  __m256 acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
+  const int64_t kept_per_group = SPARSE ? p.group / 2 : p.group;
+  __m256i Q = _mm256_setzero_si256(), M = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const __m256 s = load_halves(p.sc + row0 * p.G + g, p.G, lanes);
+    const __m256 z = load_halves(p.ze + row0 * p.G + g, p.G, lanes);
+    const int64_t jend = j + kept_per_group;
+    for (; j < jend; ++j) {
+      const int jq = (int)(j % VPW);
+      if (jq == 0 || j == jend - kept_per_group)
+        Q = _mm256_srl_epi32(_mm256_i32gather_epi32(qbase + j / VPW, qoff, 4), _mm_cvtsi32_si128(jq * BITS));
+      const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(Q, mask)), z), s);
+      Q = _mm256_srli_epi32(Q, BITS);
+      if (SPARSE) {
+        const int jm = (int)(j & 15);
+        if (jm == 0 || j == jend - kept_per_group)
+          M = _mm256_srl_epi32(_mm256_i32gather_epi32(mbase + j / 16, moff, 4), _mm_cvtsi32_si128(jm * 2));
+        // permutevar8x32 reads the low 3 bits; x[4g..4g+3] is broadcast to both halves, so bit 2 is moot
+        const int64_t col = (j >> 1) * 4;
+        for (int r = 0; r < RB; ++r) {
+          const __m256 x4 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xr[r] + col));
+          acc[r] = _mm256_fmadd_ps(v, _mm256_permutevar8x32_ps(x4, M), acc[r]);
+        }
+        M = _mm256_srli_epi32(M, 2);
+      } else {
+        for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(xr[r] + j), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    float* o = p.out + rows[r] * p.so + nb;
+    if (lanes == 8) {
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[r]));
+    } else {
+      alignas(32) float t[8];
+      _mm256_store_ps(t, acc[r]);
+      for (int l = 0; l < lanes; ++l) o[l] += t[l];
+    }
+  }
+}
+
+// The same product when every scale group holds a whole number of 16-kept-value chunks (2/4/8-bit): each
+// chunk's q words and meta word are gathered once and its 16 kept values fully unrolled (immediate shifts),
+// with 4 / 2 independent accumulators for 1 / 2 rows so the FMA latency chain does not bound one row.
+template <int BITS, bool SPARSE, int RB>
+DZ_AVX2 void direct_block_fast(const Problem& p, int64_t slot, int64_t nb, int lanes, const int32_t* rows) {
+  constexpr int VPW = 32 / BITS;
+  constexpr int QW = 16 / VPW;  // q words per chunk of 16 kept values
+  constexpr int NACC = RB == 1 ? 4 : (RB == 2 ? 2 : 1);
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const int64_t row0 = slot * p.N + nb;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i clamped = _mm256_min_epi32(lane, _mm256_set1_epi32(lanes - 1));
+  const __m256i qoff = _mm256_mullo_epi32(clamped, _mm256_set1_epi32((int)p.W));
+  const __m256i moff = _mm256_mullo_epi32(clamped, _mm256_set1_epi32((int)p.MW));
+  const int32_t* qbase = p.q + row0 * p.W;
+  const int32_t* mbase = SPARSE ? p.m + row0 * p.MW : nullptr;
+  const float* xr[RB];
+  for (int r = 0; r < RB; ++r) xr[r] = p.x + rows[r] * p.sx;
+  __m256 acc[RB][NACC];
+  for (int r = 0; r < RB; ++r)
+    for (int a = 0; a < NACC; ++a) acc[r][a] = _mm256_setzero_ps();
+  const int64_t chunks = (SPARSE ? p.group / 2 : p.group) / 16;
+  int64_t j0 = 0;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const __m256 s = load_halves(p.sc + row0 * p.G + g, p.G, lanes);
+    const __m256 z = load_halves(p.ze + row0 * p.G + g, p.G, lanes);
+    for (int64_t ch = 0; ch < chunks; ++ch, j0 += 16) {
+      __m256i Qw[QW];
+      for (int w = 0; w < QW; ++w) Qw[w] = _mm256_i32gather_epi32(qbase + j0 / VPW + w, qoff, 4);
+      __m256i Mw = SPARSE ? _mm256_i32gather_epi32(mbase + j0 / 16, moff, 4) : _mm256_setzero_si256();
+#pragma GCC unroll 16
+      for (int jj = 0; jj < 16; ++jj) {
+        const __m256i c = _mm256_and_si256(_mm256_srli_epi32(Qw[jj / VPW], (jj % VPW) * BITS), mask);
+        const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), z), s);
+        if (SPARSE) {
+          const __m256i idx = _mm256_srli_epi32(Mw, 2 * jj);  // low 3 bits used; x4 holds x twice
+          const int64_t col = ((j0 + jj) >> 1) * 4;
+          for (int r = 0; r < RB; ++r) {
+            const __m256 x4 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xr[r] + col));
+            acc[r][jj % NACC] = _mm256_fmadd_ps(v, _mm256_permutevar8x32_ps(x4, idx), acc[r][jj % NACC]);
+          }
+        } else {
+          for (int r = 0; r < RB; ++r)
+            acc[r][jj % NACC] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(xr[r] + j0 + jj), acc[r][jj % NACC]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    __m256 total = acc[r][0];
+    for (int a = 1; a < NACC; ++a) total = _mm256_add_ps(total, acc[r][a]);
+    float* o = p.out + rows[r] * p.so + nb;
+    if (lanes == 8) {
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), total));
+    } else {
+      alignas(32) float t[8];
+      _mm256_store_ps(t, total);
+      for (int l = 0; l < lanes; ++l) o[l] += t[l];
+    }
+  }
+}
+
+template <int BITS, bool SPARSE, bool FAST>
+DZ_AVX2 void direct_rows_impl(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
+  for (int64_t nb = n0; nb < n1; nb += 8) {
+    const int lanes = (int)std::min<int64_t>(8, n1 - nb);
+    int64_t r = 0;
+    if constexpr (FAST) {
+      for (; r + 8 <= seg.count; r += 8) direct_block_fast<BITS, SPARSE, 8>(p, seg.slot, nb, lanes, seg.rows + r);
+      if (r + 4 <= seg.count) { direct_block_fast<BITS, SPARSE, 4>(p, seg.slot, nb, lanes, seg.rows + r); r += 4; }
+      if (r + 2 <= seg.count) { direct_block_fast<BITS, SPARSE, 2>(p, seg.slot, nb, lanes, seg.rows + r); r += 2; }
+      if (r < seg.count) direct_block_fast<BITS, SPARSE, 1>(p, seg.slot, nb, lanes, seg.rows + r);
+    } else {
+      for (; r + 8 <= seg.count; r += 8) direct_block<BITS, SPARSE, 8>(p, seg.slot, nb, lanes, seg.rows + r);
+      if (r + 4 <= seg.count) { direct_block<BITS, SPARSE, 4>(p, seg.slot, nb, lanes, seg.rows + r); r += 4; }
+      if (r + 2 <= seg.count) { direct_block<BITS, SPARSE, 2>(p, seg.slot, nb, lanes, seg.rows + r); r += 2; }
+      if (r < seg.count) direct_block<BITS, SPARSE, 1>(p, seg.slot, nb, lanes, seg.rows + r);
+    }
+  }
+}
+
+bool fast_ok(const Problem& p) {
+  const int64_t kept_per_group = p.sparse ? p.group / 2 : p.group;
+  return p.bits != 3 && kept_per_group % 16 == 0 && std::getenv("DELTAZIP_NATIVE_NOFAST") == nullptr;
+}
+
+template <int BITS, bool SPARSE>
+DZ_AVX2 void direct_rows(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
+  if constexpr (BITS != 3) {
+    if (fast_ok(p)) return direct_rows_impl<BITS, SPARSE, true>(p, seg, n0, n1);
+  }
+  direct_rows_impl<BITS, SPARSE, false>(p, seg, n0, n1);
+}
+
+DZ_AVX2 void direct_dispatch(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
+  switch (p.bits * 2 + (p.sparse ? 1 : 0)) {
+    case 4: return direct_rows<2, false>(p, seg, n0, n1);
+    case 5: return direct_rows<2, true>(p, seg, n0, n1);
+    case 6: return direct_rows<3, false>(p, seg, n0, n1);
+    case 7: return direct_rows<3, true>(p, seg, n0, n1);
+    case 8: return direct_rows<4, false>(p, seg, n0, n1);
+    case 9: return direct_rows<4, true>(p, seg, n0, n1);
+    case 16: return direct_rows<8, false>(p, seg, n0, n1);
+    case 17: return direct_rows<8, true>(p, seg, n0, n1);
+  }
+}
+
+// ------------------------------------------------------------------------------- LUT path (2-bit 2:4)
+
+// The 6 patterns of 2 kept positions out of 4 (ascending) and the pattern of each 4-bit positions nibble
+// p0 + 4*p1 (-1: not a valid pair).
+constexpr int PAT_P0[6] = {0, 0, 0, 1, 1, 2};
+constexpr int PAT_P1[6] = {1, 2, 3, 2, 3, 3};
+constexpr int LUT_STRIDE = 96;  // entries per group: pattern * 16 + (c0 + 4 * c1)
+
+int8_t pattern_of_nibble(int nib) {
+  for (int t = 0; t < 6; ++t)
+    if (PAT_P0[t] + 4 * PAT_P1[t] == nib) return (int8_t)t;
+  return -1;
+}
+
+// Per activation row: table[g*96 + pat*16 + c0 + 4*c1] = (c0 - z)*x[4g+p0] + (c1 - z)*x[4g+p1] with a
+// slot-wide zero z (the writer's symmetric grid); rows whose zero differs use the per-row correction
+// table psum[g*6 + pat] = x[4g+p0] + x[4g+p1].
+void build_lut(const float* x, int64_t K, float z, float* table, float* psum) {
+  for (int64_t g = 0; g < K / 4; ++g) {
+    const float* xg = x + 4 * g;
+    float* t = table + g * LUT_STRIDE;
+    for (int pat = 0; pat < 6; ++pat) {
+      const float a = xg[PAT_P0[pat]], b = xg[PAT_P1[pat]];
+      psum[g * 6 + pat] = a + b;
+      for (int c1 = 0; c1 < 4; ++c1)
+        for (int c0 = 0; c0 < 4; ++c0) t[pat * 16 + c0 + 4 * c1] = ((float)c0 - z) * a + ((float)c1 - z) * b;
+    }
+  }
+}
+
+// out rows [n0, n1) for the segment's rows; tables [count][K/4*96], psums [count][K/4*6].
+void lut_rows(const Problem& p, const Seg& seg, int64_t n0, int64_t n1, float z, const float* tables,
+              const float* psums) {
+  static int8_t pat_of[16];
+  static bool init = [] { for (int i = 0; i < 16; ++i) pat_of[i] = pattern_of_nibble(i); return true; }();
+  (void)init;
+  const int64_t groups = p.K / 4, per_scale = p.group / 4;
+  std::vector<uint8_t> idx(groups), pat(groups);
+  std::vector<float> part(p.G), corr(p.G);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t row = seg.slot * p.N + n;
+    const uint32_t* qr = reinterpret_cast<const uint32_t*>(p.q + row * p.W);
+    const uint32_t* mr = reinterpret_cast<const uint32_t*>(p.m + row * p.MW);
+    bool uniform = true;
+    for (int64_t g = 0; g < p.G; ++g) uniform &= half_to_float(p.ze[row * p.G + g]) == z;
+    for (int64_t g = 0; g < groups; ++g) {  // nibble g of the codes and of the positions
+      const uint32_t cn = (qr[g >> 3] >> ((g & 7) * 4)) & 15, pn = (mr[g >> 3] >> ((g & 7) * 4)) & 15;
+      const int8_t t = pat_of[pn];
+      pat[g] = (uint8_t)(t < 0 ? 0 : t);  // invalid pairs never come from a writer; treated as pattern 0
+      idx[g] = (uint8_t)(pat[g] * 16 + cn);
+    }
+    for (int64_t r = 0; r < seg.count; ++r) {
+      const float* table = tables + r * groups * LUT_STRIDE;
+      float total = 0.f;
+      for (int64_t sg = 0; sg < p.G; ++sg) {
+        float a0 = 0.f, a1 = 0.f;
+        const int64_t g0 = sg * per_scale, g1 = g0 + per_scale;
+        int64_t g = g0;
+        for (; g + 2 <= g1; g += 2) {
+          a0 += table[g * LUT_STRIDE + idx[g]];
+          a1 += table[(g + 1) * LUT_STRIDE + idx[g + 1]];
+        }
+        for (; g < g1; ++g) a0 += table[g * LUT_STRIDE + idx[g]];
+        float sum = a0 + a1;
+        if (!uniform) {  // (c - z_row) = (c - z) - (z_row - z): subtract (z_row - z) * Σ x at kept positions
+          const float* ps = psums + r * groups * 6;
+          float c = 0.f;
+          for (g = g0; g < g1; ++g) c += ps[g * 6 + pat[g]];
+          sum -= (half_to_float(p.ze[row * p.G + sg]) - z) * c;
+        }
+        total += sum * half_to_float(p.sc[row * p.G + sg]);
+      }
+      p.out[seg.rows[r] * p.so + n] += total;
+    }
+  }
+}
+
+// -------------------------------------------------------------------------------------------- driver
+
+bool direct_ok(const Problem& p) { return !p.sparse || p.group % 4 == 0; }
+bool lut_ok(const Problem& p) { return p.sparse && p.bits == 2 && p.group % 4 == 0; }
+
+void run_segments(const Problem& p, const std::vector<Seg>& segs, Strategy forced) {
+  const bool avx2 = use_avx2();
+  const int64_t dense_rows = env_int("DELTAZIP_NATIVE_DENSE_ROWS", 48);
+  const int64_t lut_rows_max = env_int("DELTAZIP_NATIVE_LUT_ROWS", 0);
+  // Work items: (segment, block of output rows), each writes its own part of out.
+  constexpr int64_t BLOCK_N = 64;
+  struct Item { int64_t seg, n0, n1; };
+  std::vector<Item> items;
+  std::vector<Strategy> strategy(segs.size());
+  std::vector<int64_t> lut_base(segs.size(), -1);
+  int64_t lut_rows_total = 0;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    Strategy st = forced;
+    if (st == AUTO) {
+      st = segs[i].count >= dense_rows ? DENSE : DIRECT;
+      if (st == DIRECT && segs[i].count <= lut_rows_max && lut_ok(p)) st = LUT;
+    }
+    if (st == LUT && !lut_ok(p)) st = DIRECT;
+    strategy[i] = st;
+    if (st == LUT) { lut_base[i] = lut_rows_total; lut_rows_total += segs[i].count; }
+    if (st == DENSE) continue;  // run below, one tile at a time, BLAS-parallel
+    for (int64_t n0 = 0; n0 < p.N; n0 += BLOCK_N) items.push_back({(int64_t)i, n0, std::min(p.N, n0 + BLOCK_N)});
+  }
+  // LUT tables per (segment row), built in parallel before the GEMV items.
+  const int64_t groups = p.K / 4;
+  std::vector<float> tables, psums, zref(segs.size(), 0.f);
+  if (lut_rows_total) {
+    tables.resize(lut_rows_total * groups * LUT_STRIDE);
+    psums.resize(lut_rows_total * groups * 6);
+    std::vector<std::pair<int64_t, int64_t>> build;  // (segment, row in segment)
+    for (size_t i = 0; i < segs.size(); ++i) {
+      if (strategy[i] != LUT) continue;
+      zref[i] = half_to_float(p.ze[segs[i].slot * p.N * p.G]);
+      for (int64_t r = 0; r < segs[i].count; ++r) build.push_back({(int64_t)i, r});
+    }
+    const int nt = thread_count((int64_t)build.size());
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t b = 0; b < (int64_t)build.size(); ++b) {
+      const auto [i, r] = build[b];
+      const int64_t at = lut_base[i] + r;
+      build_lut(p.x + segs[i].rows[r] * p.sx, p.K, zref[i], tables.data() + at * groups * LUT_STRIDE,
+                psums.data() + at * groups * 6);
+    }
+  }
+  const int nt = thread_count((int64_t)items.size());
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
+  for (int64_t it = 0; it < (int64_t)items.size(); ++it) {
+    const Item& item = items[it];
+    const Seg& seg = segs[item.seg];
+    if (strategy[item.seg] == LUT) {
+      const int64_t at = lut_base[item.seg];
+      lut_rows(p, seg, item.n0, item.n1, zref[item.seg], tables.data() + at * groups * LUT_STRIDE,
+               psums.data() + at * groups * 6);
+    } else if (avx2 && direct_ok(p)) {
+      direct_dispatch(p, seg, item.n0, item.n1);
+    } else {
+      scalar_block(p, seg, item.n0, item.n1);
+    }
+  }
+  // Dense strategy: decode tiles of output rows (parallel), then one BLAS GEMM per tile.
+  for (size_t i = 0; i < segs.size(); ++i) {
+    if (strategy[i] != DENSE) continue;
+    const Seg& seg = segs[i];
+    const int64_t tile = std::max<int64_t>(8, std::min<int64_t>(p.N, (1 << 20) / std::max<int64_t>(1, p.K)));
+    std::vector<float> xrows(seg.count * p.K);
+    for (int64_t r = 0; r < seg.count; ++r)
+      std::memcpy(xrows.data() + r * p.K, p.x + seg.rows[r] * p.sx, sizeof(float) * p.K);
+    auto xt = at::from_blob(xrows.data(), {seg.count, p.K}, at::kFloat);
+    std::vector<float> buf(tile * p.K), res(seg.count * tile);
+    for (int64_t n0 = 0; n0 < p.N; n0 += tile) {
+      const int64_t n1 = std::min(p.N, n0 + tile), nn = n1 - n0;
+      const int ntd = thread_count(nn / 8 + 1);
+#pragma omp parallel for num_threads(ntd) schedule(static) if (ntd > 1)
+      for (int64_t a = n0; a < n1; a += 8) decode_rows(p, seg.slot, a, std::min(n1, a + 8), buf.data() + (a - n0) * p.K);
+      auto w = at::from_blob(buf.data(), {nn, p.K}, at::kFloat);
+      auto r = at::from_blob(res.data(), {seg.count, nn}, at::kFloat);
+      at::mm_out(r, xt, w.t());
+      for (int64_t k = 0; k < seg.count; ++k) {
+        float* o = p.out + seg.rows[k] * p.so + n0;
+        const float* s = res.data() + k * nn;
+        for (int64_t c = 0; c < nn; ++c) o[c] += s[c];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ op entry point
+
+void add_delta_matmul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
+                          const std::optional<at::Tensor>& meta, const at::Tensor& scales, const at::Tensor& zeros,
+                          const at::Tensor& seg_rows, const at::Tensor& seg_start, const at::Tensor& seg_slot,
+                          int64_t bits, int64_t group_size) {
+  // ---- checks: every index the kernels use is validated here (never an out-of-bounds read or write)
+  TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, not ", bits);
+  TORCH_CHECK_VALUE(x.dim() == 2 && out.dim() == 2, "x and out must be 2-D, got ", x.sizes(), " and ",
+                    out.sizes());
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &x, &qweight, &scales, &zeros, &seg_rows, &seg_start, &seg_slot})
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "add_delta_matmul (CPU): every tensor must be on the CPU");
+  const auto fdt = {at::kFloat, at::kHalf, at::kBFloat16};
+  TORCH_CHECK_VALUE(std::find(fdt.begin(), fdt.end(), x.scalar_type()) != fdt.end() &&
+                        std::find(fdt.begin(), fdt.end(), out.scalar_type()) != fdt.end(),
+                    "x and out must be float32, float16 or bfloat16, got ", x.scalar_type(), " and ",
+                    out.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK_VALUE(qweight.dim() == 3 && qweight.scalar_type() == at::kInt,
+                    "qweight must be an int32 tensor [S, N, W], got ", qweight.scalar_type(), " ", qweight.sizes());
+  const int64_t S = qweight.size(0), N = qweight.size(1);
+  TORCH_CHECK_VALUE(out.size(0) == M && out.size(1) == N, "out must be [", M, ", ", N, "], got ", out.sizes());
+  TORCH_CHECK_VALUE(group_size >= 1 && K % group_size == 0, "group_size ", group_size,
+                    " does not divide in_features ", K);
+  const bool sparse = meta.has_value();
+  TORCH_CHECK_VALUE(!sparse || K % 32 == 0, "2:4 deltas need in_features % 32 == 0 (in_features=", K, ")");
+  const int64_t C = sparse ? K / 2 : K, vpw = 32 / bits, W = (C + vpw - 1) / vpw, G = K / group_size;
+  TORCH_CHECK_VALUE(qweight.size(2) == W, "qweight has shape ", qweight.sizes(), ", expected [", S, ", ", N,
+                    ", ", W, "] for ", bits, "-bit codes of in_features ", K);
+  for (const at::Tensor* t : {&scales, &zeros})
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kHalf && t->dim() == 3 && t->size(0) == S && t->size(1) == N &&
+                          t->size(2) == G,
+                      "scales and zeros must be float16 [", S, ", ", N, ", ", G, "], got ", t->scalar_type(),
+                      " ", t->sizes());
+  if (sparse)
+    TORCH_CHECK_VALUE(meta->scalar_type() == at::kInt && meta->dim() == 3 && meta->size(0) == S &&
+                          meta->size(1) == N && meta->size(2) == K / 32,
+                      "meta must be int32 [", S, ", ", N, ", ", K / 32, "], got ", meta->scalar_type(), " ",
+                      meta->sizes());
+  for (const at::Tensor* t : {&seg_rows, &seg_start, &seg_slot})
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && t->dim() == 1,
+                      "seg_rows, seg_start and seg_slot must be 1-D int32 tensors");
+  const int64_t R = seg_rows.size(0), NS = seg_slot.size(0);
+  TORCH_CHECK_VALUE(seg_start.size(0) == NS + 1, "seg_start must have len(seg_slot) + 1 = ", NS + 1,
+                    " entries, got ", seg_start.size(0));
+  auto rows_c = seg_rows.contiguous(), start_c = seg_start.contiguous(), slot_c = seg_slot.contiguous();
+  const int32_t* rows = rows_c.data_ptr<int32_t>();
+  const int32_t* start = start_c.data_ptr<int32_t>();
+  const int32_t* slot = slot_c.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(start[0] == 0 && start[NS] == R, "segments must cover seg_rows exactly: seg_start[0] = ",
+                    start[0], " (must be 0), seg_start[-1] = ", start[NS], " (must be len(seg_rows) = ", R, ")");
+  std::vector<uint8_t> seen(M, 0);
+  std::vector<Seg> segs;
+  for (int64_t i = 0; i < NS; ++i) {
+    TORCH_CHECK_VALUE(start[i + 1] >= start[i], "seg_start must be non-decreasing (segment ", i, ")");
+    TORCH_CHECK_INDEX(slot[i] >= -1 && slot[i] < S, "segment ", i, " is on slot ", slot[i],
+                      ", out of range [-1, ", S, ")");
+    for (int64_t r = start[i]; r < start[i + 1]; ++r) {
+      TORCH_CHECK_INDEX(rows[r] >= 0 && rows[r] < M, "seg_rows[", r, "] = ", rows[r],
+                        " is not a row of the batch [0, ", M, ")");
+      TORCH_CHECK_VALUE(!seen[rows[r]], "row ", rows[r], " appears in more than one segment position");
+      seen[rows[r]] = 1;
+    }
+    if (slot[i] >= 0 && start[i + 1] > start[i])
+      segs.push_back({rows + start[i], (int64_t)(start[i + 1] - start[i]), (int64_t)slot[i]});
+  }
+  if (segs.empty() || N == 0 || K == 0) return;
+  const Strategy forced = env_strategy();
+
+  // ---- fp32 views (a copy only when dtype or layout needs it)
+  at::Tensor xf = x.scalar_type() == at::kFloat && x.stride(1) == 1 ? x : x.to(at::kFloat).contiguous();
+  const bool out_direct = out.scalar_type() == at::kFloat && out.stride(1) == 1;
+  at::Tensor of = out_direct ? out : out.to(at::kFloat).contiguous();
+  auto q = qweight.contiguous(), sc = scales.contiguous(), ze = zeros.contiguous();
+  at::Tensor m = sparse ? meta->contiguous() : at::Tensor();
+  Problem p{xf.data_ptr<float>(), xf.stride(0), of.data_ptr<float>(), of.stride(0), q.data_ptr<int32_t>(),
+            sparse ? m.data_ptr<int32_t>() : nullptr,
+            reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()),
+            reinterpret_cast<const uint16_t*>(ze.data_ptr<at::Half>()), N, K, W, G, C, K / 32, (int)bits,
+            (int)group_size, sparse};
+  run_segments(p, segs, forced);
+  if (!out_direct) {  // copy back the touched rows only (rows on no delta stay bit-for-bit untouched)
+    std::vector<int64_t> touched;
+    for (const Seg& s : segs) for (int64_t r = 0; r < s.count; ++r) touched.push_back(s.rows[r]);
+    auto idx = at::from_blob(touched.data(), {(int64_t)touched.size()}, at::kLong);
+    out.index_copy_(0, idx, of.index_select(0, idx).to(out.scalar_type()));
+  }
+}
+
+int64_t native_info(int64_t what) {
+  switch (what) {
+    case 0: return usable_cpus();
+    case 1: return cpu_has_avx2() ? 1 : 0;
+    default: return -1;
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(deltazip_native, m) {
+  m.def("info(int what) -> int", &native_info);
+}
+
+TORCH_LIBRARY_IMPL(deltazip, CPU, m) {
+  m.impl("add_delta_matmul", &add_delta_matmul_cpu);
+}
