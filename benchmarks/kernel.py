@@ -1,17 +1,26 @@
-"""Delta GEMM benchmark: the torch path's cost next to the base GEMM (CPU), and the AOT resource figures.
+"""Delta GEMM benchmark: every implementation side by side in one run (ratios to the base; the machine is noisy).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kernel.py [--repeats 30]
+    .venv/bin/python benchmarks/kernel.py [--repeats 20] [--threads 2] [--steps 3 --rounds 5] [--skip-aot]
 
-Section 1 (CPU): 16 rows spread over 1/4/8/16 distinct 2-bit 2:4 deltas, add_delta_matmul(impl="torch")
-vs the dense fp32 base GEMM of the same rows, side by side in one run (family layer shapes).
-Section 2: registers / spills / shared memory / tensor-core opcodes of the shipped tile (AOT, no GPU).
-Section 3 (GPU only — not verified on this machine): Triton kernel vs torch path vs fp16 base GEMM on CUDA.
+Section 1 (CPU, per layer): 16 rows over 1/4/16 distinct 2-bit 2:4 deltas (small preset shapes), torch path
+vs the native kernel's strategies (direct, LUT, dense decode + GEMM, auto), each as a ratio to the fp32
+base GEMM of the same 16 rows.
+Section 2 (CPU): rows per segment on one delta, direct vs dense-decode: where the auto threshold comes from.
+Section 3 (CPU, the issue's target): decode step of 16 sequences over 1/4/16 distinct deltas, small preset
+shape (hidden 512, 8 layers; random weights, random 2-bit 2:4 deltas on the writer's symmetric grid),
+fp32, torch path vs native, ratio to the base-only step. Targets ≤ 1.5x / 2.0x / 3.0x.
+Section 4: registers / spills / shared memory / tensor-core opcodes of the shipped Triton tile (AOT, no GPU).
+Section 5 (GPU only — not verified on this machine): Triton kernel vs torch path vs fp16 base GEMM on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,11 +29,13 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._results import command_line, markdown_table, write_section  # noqa: E402
 
-# (preset, layer, N, K): the tiny and small family presets' MLP shapes
-SHAPES = [("tiny", "up_proj", 384, 128), ("tiny", "down_proj", 128, 384),
-          ("small", "up_proj", 1536, 512), ("small", "down_proj", 512, 1536)]
+# (layer, N, K): the small family preset's linear shapes (hidden 512, intermediate 1536, 8 heads, 2 kv heads)
+SHAPES = [("q_proj / o_proj", 512, 512), ("k_proj / v_proj", 128, 512), ("gate_proj / up_proj", 1536, 512),
+          ("down_proj", 512, 1536)]
 ROWS = 16
-DISTINCT_DELTAS = (1, 4, 8, 16)
+DISTINCT_DELTAS = (1, 4, 16)
+STRATEGIES = ("direct", "lut", "dense", "auto")
+TARGETS = {1: 1.5, 4: 2.0, 16: 3.0}
 
 
 def best_ms(fn, repeats: int, sync=lambda: None) -> float:
@@ -40,35 +51,155 @@ def best_ms(fn, repeats: int, sync=lambda: None) -> float:
     return best * 1e3
 
 
-def filled_slots(n: int, k: int, num_slots: int, device: str = "cpu"):
+@contextlib.contextmanager
+def native_strategy(name: str):
+    """Force the native kernel's strategy (DELTAZIP_NATIVE_STRATEGY is read on every call)."""
+    old = os.environ.get("DELTAZIP_NATIVE_STRATEGY")
+    os.environ["DELTAZIP_NATIVE_STRATEGY"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DELTAZIP_NATIVE_STRATEGY", None)
+        else:
+            os.environ["DELTAZIP_NATIVE_STRATEGY"] = old
+
+
+def filled_slots(n: int, k: int, num_slots: int, device: str = "cpu", group_size: int = 64):
     import torch
 
     from deltazip.kernels import DeltaSlots
     from deltazip.kernels.synthetic import random_packed
 
     gen = torch.Generator().manual_seed(0)
-    slots = DeltaSlots(num_slots, n, k, 2, 64, True, device=device)
+    slots = DeltaSlots(num_slots, n, k, 2, group_size, True, device=device)
     for slot in range(num_slots):
-        slots.set(slot, random_packed(n, k, 2, 64, True, gen).to(device))
+        slots.set(slot, random_packed(n, k, 2, group_size, True, gen, symmetric=True).to(device))
     return slots
 
 
-def cpu_torch_path(repeats: int) -> list[list[object]]:
+def cpu_layers(repeats: int) -> list[list[object]]:
     import torch
 
     from deltazip.kernels import add_delta_matmul
 
     rows = []
-    for preset, layer, n, k in SHAPES:
+    for layer, n, k in SHAPES:
         slots = filled_slots(n, k, max(DISTINCT_DELTAS))
-        weight = torch.randn(n, k)
-        x = torch.randn(ROWS, k)
-        out = torch.zeros(ROWS, n)
-        base_ms = best_ms(lambda: x @ weight.t(), repeats)  # noqa: B023
+        weight, x, out = torch.randn(n, k), torch.randn(ROWS, k), torch.zeros(ROWS, n)
         for distinct in DISTINCT_DELTAS:
             row_slot = (torch.arange(ROWS) % distinct).to(torch.int32)
-            delta_ms = best_ms(lambda: add_delta_matmul(out, x, slots, row_slot, impl="torch"), repeats)  # noqa: B023
-            rows.append([preset, f"{layer} [{n}x{k}]", distinct, base_ms, delta_ms, delta_ms / base_ms])
+            # interleaved: every implementation measured in the same round, best of the rounds
+            times: dict[str, list[float]] = {}
+            for _ in range(3):
+                times.setdefault("base", []).append(best_ms(lambda: x @ weight.t(), repeats))  # noqa: B023
+                times.setdefault("torch", []).append(best_ms(
+                    lambda: add_delta_matmul(out, x, slots, row_slot, impl="torch"), max(2, repeats // 4)))  # noqa: B023
+                for strategy in STRATEGIES:
+                    with native_strategy(strategy):
+                        times.setdefault(strategy, []).append(best_ms(
+                            lambda: add_delta_matmul(out, x, slots, row_slot, impl="native"), repeats))  # noqa: B023
+            best = {key: min(v) for key, v in times.items()}
+            rows.append([f"{layer} [{n}x{k}]", distinct, best["base"],
+                         *(best[key] / best["base"] for key in ("torch", *STRATEGIES))])
+    return rows
+
+
+def cpu_threshold(repeats: int) -> list[list[object]]:
+    import torch
+
+    from deltazip.kernels import add_delta_matmul
+
+    rows = []
+    n, k = 1536, 512
+    slots = filled_slots(n, k, 1)
+    weight = torch.randn(n, k)
+    for m in (1, 4, 16, 32, 64, 128, 256):
+        x, out = torch.randn(m, k), torch.zeros(m, n)
+        row_slot = torch.zeros(m, dtype=torch.int32)
+        base = best_ms(lambda: x @ weight.t(), repeats)  # noqa: B023
+        times = {}
+        for strategy in ("direct", "dense"):
+            with native_strategy(strategy):
+                times[strategy] = best_ms(lambda: add_delta_matmul(out, x, slots, row_slot, impl="native"),  # noqa: B023
+                                          repeats)
+        rows.append([m, base, times["direct"] / base, times["dense"] / base,
+                     "dense" if times["dense"] < times["direct"] else "direct"])
+    return rows
+
+
+def synthetic_model(root: Path, num_slots: int, kernel: str):
+    """A random small-preset Llama (HF files, fp32 executor) with random 2-bit 2:4 deltas in every slot."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltazip.kernels.synthetic import random_packed
+    from deltazip.runtime.delta_linear import enable_deltas, set_model_delta
+    from deltazip.runtime.model import load_llama
+
+    base = root / "base"
+    if not base.exists():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=128, max_position_embeddings=256, hidden_size=512, intermediate_size=1536,
+                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)  # small preset
+        LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(base)
+    model = load_llama(base, "float32")
+    enable_deltas(model, num_slots, kernel)
+    gen = torch.Generator().manual_seed(1)
+    for slot in range(num_slots):
+        linears = {name.removesuffix(".weight"): random_packed(*p.shape, 2, 64, True, gen, symmetric=True)
+                   for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name}
+        set_model_delta(model, slot, linears, {})
+    return model
+
+
+def set_kernel(model, kernel: str) -> None:
+    from deltazip.runtime.delta_linear import DeltaLinear
+
+    for module in model.modules():
+        if isinstance(module, DeltaLinear):
+            module.kernel = kernel
+
+
+def decode_step(steps: int, rounds: int) -> list[list[object]]:
+    """Median decode-step ms, 16 sequences over 0 (base) / 1 / 4 / 16 distinct deltas, per implementation,
+    all measured interleaved in one run."""
+    import torch
+
+    from deltazip.runtime.model import Segment
+
+    with tempfile.TemporaryDirectory(prefix="deltazip-bench-kernel-") as tmp:
+        model = synthetic_model(Path(tmp), ROWS, "auto")
+    context = 32
+    gen = torch.Generator().manual_seed(0)
+    caches = [model.new_cache(context + 1) for _ in range(ROWS)]
+    kernels = {"torch path": ("torch", None), "native auto": ("auto", "auto"),
+               "native direct": ("auto", "direct"), "native LUT": ("auto", "lut")}
+    with torch.inference_mode():
+        prompt = torch.randint(0, model.args.vocab_size, (ROWS * context,), generator=gen)
+        model(prompt, [Segment(c, 0, context) for c in caches])
+        tokens = torch.randint(0, model.args.vocab_size, (ROWS,), generator=gen)
+        segments = [Segment(c, context, 1) for c in caches]
+        layouts = {0: None, **{d: (torch.arange(ROWS) % d).to(torch.int32) for d in DISTINCT_DELTAS}}
+        times: dict[tuple[str, int], list[float]] = {}
+        for _ in range(rounds):
+            for label, (kernel, strategy) in kernels.items():
+                set_kernel(model, kernel)
+                with native_strategy(strategy or "auto"):
+                    for distinct, row_slot in layouts.items():
+                        if distinct == 0 and label != "torch path":
+                            continue  # one base-only figure: the base step does not call the delta op
+                        model(tokens, segments, row_slot)  # warm
+                        start = time.perf_counter()
+                        for _ in range(steps):
+                            model(tokens, segments, row_slot)
+                        times.setdefault((label, distinct), []).append((time.perf_counter() - start) / steps)
+    base = statistics.median(times[("torch path", 0)]) * 1e3
+    rows = [["base only", "—", base, 1.0, "—"]]
+    for distinct in DISTINCT_DELTAS:
+        for label in kernels:
+            ms = statistics.median(times[(label, distinct)]) * 1e3
+            rows.append([f"{distinct} distinct deltas", label, ms, ms / base, f"≤ {TARGETS[distinct]}x"])
     return rows
 
 
@@ -92,7 +223,7 @@ def gpu_timings(repeats: int) -> list[list[object]]:
     from deltazip.kernels import add_delta_matmul
 
     rows = []
-    for preset, layer, n, k in SHAPES:
+    for layer, n, k in SHAPES:
         slots = filled_slots(n, k, max(DISTINCT_DELTAS), device="cuda")
         weight = torch.randn(n, k, device="cuda", dtype=torch.float16)
         x = torch.randn(ROWS, k, device="cuda", dtype=torch.float16)
@@ -106,34 +237,63 @@ def gpu_timings(repeats: int) -> list[list[object]]:
             torch.testing.assert_close(got, expect, rtol=2e-2, atol=2e-2)  # fp16 tensor-core dot vs fp32
             times = {impl: best_ms(lambda: add_delta_matmul(out, x, slots, row_slot, impl=impl),  # noqa: B023
                                    repeats, torch.cuda.synchronize) for impl in ("triton", "torch")}
-            rows.append([preset, f"{layer} [{n}x{k}]", distinct, base_ms, times["triton"], times["torch"],
+            rows.append([f"{layer} [{n}x{k}]", distinct, base_ms, times["triton"], times["torch"],
                          times["triton"] / base_ms])
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2, help="torch (and native kernel) threads")
+    parser.add_argument("--steps", type=int, default=3, help="decode steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument("--skip-aot", action="store_true", help="skip the AOT resource section")
     args = parser.parse_args()
     import torch
 
+    from deltazip.kernels import native
+
     command = command_line()
-    torch.set_num_threads(1)
-    rows = cpu_torch_path(args.repeats)
-    table = markdown_table(["preset", "layer [N x K]", "distinct deltas", "base GEMM ms", "delta (torch) ms",
-                            "delta / base"], rows)
-    write_section("Delta GEMM: torch path vs base GEMM (CPU, 16 rows)", command, table,
-                  "2-bit 2:4 deltas, group 64; fp32; 1 thread; best of the repeats. The torch path "
-                  "dequantizes each distinct slot once per call: its cost grows with the distinct deltas.")
+    torch.set_num_threads(args.threads)
+    state = native.info()
+    if not state["available"]:
+        raise SystemExit(f"the native kernel did not build: {state['error']}")
+    where = (f"fp32; {args.threads} threads (native kernel: {state['usable_cpus']} usable CPUs, "
+             f"AVX2 {'on' if state['avx2'] else 'off'}); best of the repeats, implementations interleaved")
+    table = markdown_table(["layer [N x K]", "distinct deltas", "base GEMM ms", "torch / base",
+                            "native direct / base", "native LUT / base", "native dense / base",
+                            "native auto / base"], cpu_layers(args.repeats))
+    write_section("Delta GEMM: torch path vs native strategies (CPU, 16 rows)", command, table,
+                  "2-bit 2:4 deltas, group 64, symmetric grid; " + where + ". direct = codes decoded in "
+                  "registers (8 output rows per AVX2 register, reused by up to 8 activation rows); LUT = "
+                  "per-row table of the 96 partial sums of each group of 4 inputs; dense = decode a tile "
+                  "to fp32 and BLAS GEMM; auto = direct below DELTAZIP_NATIVE_DENSE_ROWS rows per segment.")
     print(table)
-    table = markdown_table(["target", "bits", "tile MxNxK/warps", "registers", "spill bytes", "shared bytes",
-                            "tensor-core opcodes"], aot_resources())
-    write_section("Delta GEMM: AOT resources of the shipped tile (no GPU)", command, table,
-                  "fp16 activations, 2:4, group 128; `triton.compile` for GPUTarget cuda 80/90, ptxas -v of "
-                  "Triton's bundled ptxas. Compiled only: GPU only — not verified on this machine.")
+    table = markdown_table(["rows on one delta", "base GEMM ms", "direct / base", "dense / base", "faster"],
+                           cpu_threshold(args.repeats))
+    write_section("Delta GEMM: direct vs dense decode by segment rows (CPU)", command, table,
+                  "gate/up shape [1536x512], one 2-bit 2:4 delta, " + where + ". Sets the auto "
+                  "threshold DELTAZIP_NATIVE_DENSE_ROWS.")
     print(table)
+    table = markdown_table(["16 sequences on", "implementation", "decode step ms", "ratio vs base", "target"],
+                           decode_step(args.steps, args.rounds))
+    write_section("Delta GEMM: mixed-delta decode step, torch path vs native (small-shaped, synthetic)",
+                  command, table,
+                  "Random small-preset Llama (hidden 512, intermediate 1536, 8 layers, vocab 128), random "
+                  "2-bit 2:4 deltas (group 64, symmetric grid) on every linear incl. lm_head; context 32; "
+                  f"fp32; {args.threads} threads; median of the rounds, implementations interleaved. "
+                  "Targets from the issue: ≤ 1.5x / 2.0x / 3.0x the base-only step.")
+    print(table)
+    if not args.skip_aot:
+        table = markdown_table(["target", "bits", "tile MxNxK/warps", "registers", "spill bytes",
+                                "shared bytes", "tensor-core opcodes"], aot_resources())
+        write_section("Delta GEMM: AOT resources of the shipped tile (no GPU)", command, table,
+                      "fp16 activations, 2:4, group 128; `triton.compile` for GPUTarget cuda 80/90, ptxas -v "
+                      "of Triton's bundled ptxas. Compiled only: GPU only — not verified on this machine.")
+        print(table)
     if torch.cuda.is_available():
-        columns = ["preset", "layer [N x K]", "distinct deltas", "base fp16 GEMM ms", "triton ms", "torch ms",
+        columns = ["layer [N x K]", "distinct deltas", "base fp16 GEMM ms", "triton ms", "torch ms",
                    "triton / base"]
         table = markdown_table(columns, gpu_timings(args.repeats))
         write_section("Delta GEMM on GPU (16 rows)", command, table, "Measured on CUDA.")

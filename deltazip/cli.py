@@ -25,6 +25,7 @@ from deltazip.commands.serve import serve
 from deltazip.commands.status import status
 from deltazip.commands.variants import variants
 from deltazip.errors import DeltazipError
+from deltazip.threads import early_env
 from deltazip.ui import set_verbosity
 
 __all__ = ["cli", "get_config", "main"]
@@ -53,6 +54,7 @@ class DeltazipGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, verbose: int, quiet: int) -> None:
     """deltazip: compress full fine-tunes into deltas against one base and serve them all together."""
+    early_env()  # OMP_WAIT_POLICY=PASSIVE: before any command imports torch (OpenMP reads it once)
     set_verbosity(verbose, quiet)
     ctx.obj = LazyConfig(config_path)
 

@@ -51,8 +51,13 @@ class CompressConfig:
     block_size: int = 128
     lossless: str = "zstd"
     tune_steps: int = 100  # Adam steps fitting each block's scales to the fine-tune's output (0: off)
+    target_ratio: float = 0.0  # > 0: allocate bits/sparsity per tensor so fp16 bytes / artifact bytes ≥ this
+    budget_bytes: int = 0  # > 0: an explicit whole-artifact byte budget instead (wins over target_ratio)
+    any_precision: bool = False  # store nested bitplanes: loadable at every precision 2..bits
 
     def __post_init__(self) -> None:
+        if self.target_ratio < 0 or self.budget_bytes < 0:
+            raise ValueError("target_ratio and budget_bytes must be ≥ 0 (0: off)")
         if self.bits not in (2, 3, 4, 8, 16):
             raise ValueError(f"bits must be 2, 3, 4, 8 or 16, not {self.bits}")
         if self.lossless not in ("zstd", "none"):
@@ -73,6 +78,12 @@ class RuntimeConfig:
     host_cache_bytes: int = 1 << 30  # decoded artifacts kept in host memory (LRU)
     kv_budget_tokens: int = 16384  # KV-cache tokens across all running sequences
     max_context: int = 256
+    threads: int = 0  # torch/OpenMP threads of compress, eval, generate and the served model; 0: auto
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (auto: the CPUs this process may use) or positive, not "
+                             f"{self.threads}")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from deltazip.format.codec import (
 from deltazip.fsutil import atomic_dir
 from deltazip.packed import PackedLinear
 
+FP = "sha256:" + "ab" * 32  # a base fingerprint (any 64 hex digits)
+
 
 def random_packed(n: int, k: int, bits: int, sparse: bool, group: int, seed: int = 0) -> PackedLinear:
     gen = torch.Generator().manual_seed(seed)
@@ -93,10 +95,10 @@ def test_save_load_round_trip(tmp_path, lossless):
                "lm_head": random_packed(16, 32, 4, False, 32, seed=1)}
     exact = {"model.norm.weight": torch.randn(32),
              "model.layers.0.input_layernorm.weight": torch.randn(32).double()}
-    path = save_delta(tmp_path / "x.dz", "x", "sha256:abc", linears, exact, {"target": "t"}, lossless)
+    path = save_delta(tmp_path / "x.dz", "x", FP, linears, exact, {"target": "t"}, lossless)
     assert sorted(os.listdir(path)) == ["delta.safetensors", "manifest.json"]
     delta = load_delta(path)
-    assert delta.name == "x" and delta.base_fingerprint == "sha256:abc"
+    assert delta.name == "x" and delta.base_fingerprint == FP
     for name, packed in linears.items():
         assert_packed_equal(delta.linears[name], packed)
     for name, t in exact.items():
@@ -111,7 +113,7 @@ def test_save_load_round_trip(tmp_path, lossless):
 
 
 def _small_artifact(tmp_path: Path) -> Path:
-    return save_delta(tmp_path / "a.dz", "a", "sha256:0", {"lm_head": random_packed(64, 64, 2, True, 64)},
+    return save_delta(tmp_path / "a.dz", "a", FP, {"lm_head": random_packed(64, 64, 2, True, 64)},
                       {"model.norm.weight": torch.randn(64)})
 
 

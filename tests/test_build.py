@@ -144,3 +144,21 @@ def test_trtllm_dry_run_lists_exactly_the_files(tiny_family, store, tmp_path):
     torch_files = planned_files("torch", names, 1)
     assert "triton_repo/deltazip_llm/config.pbtxt" in torch_files
     assert not any("variants" in f for f in torch_files)
+
+
+def test_trtllm_variant_keeps_the_deltazip_llm_contract(tmp_path):
+    """The trtllm model repository renders with the same model, inputs and outputs as the torch one."""
+    from deltazip.builder.render import model_values, pbtxt_string, render_repo, variant_template
+
+    values = model_values(tmp_path / "base", tmp_path / "deltas", dataclasses.asdict(RuntimeConfig()), True)
+    render_repo(tmp_path / "torch", values, variant_template("torch"))
+    render_repo(tmp_path / "trtllm", {**values, "trtllm_dir": pbtxt_string(str(tmp_path / "t"))},
+                variant_template("trtllm"))
+    torch_cfg = _parse_config(tmp_path / "torch" / "deltazip_llm" / "config.pbtxt")
+    trt_cfg = _parse_config(tmp_path / "trtllm" / "deltazip_llm" / "config.pbtxt")
+    assert trt_cfg.name == torch_cfg.name == "deltazip_llm"
+    assert list(trt_cfg.input) == list(torch_cfg.input) and list(trt_cfg.output) == list(torch_cfg.output)
+    assert trt_cfg.model_transaction_policy.decoupled and trt_cfg.max_batch_size == 0
+    assert trt_cfg.parameters["trtllm_dir"].string_value == str(tmp_path / "t")
+    assert (tmp_path / "trtllm" / "deltazip_llm" / "1" / "model.py").is_file()
+    assert not (tmp_path / "torch" / "variants").exists()

@@ -1,5 +1,6 @@
-"""The base checkpoint keeps the base's RoPE: rotary_base / rotary_scaling from transformers 5 `rope_parameters`
-and transformers 4 top-level `rope_theta` / `rope_scaling` (modelopt 0.47 alone finds neither in a v5 config)."""
+"""The base checkpoint keeps the base's RoPE: rotary_base / rotary_scaling from transformers 5
+`rope_parameters` and transformers 4 top-level `rope_theta` / `rope_scaling` (modelopt 0.47 alone finds
+neither in a v5 config)."""
 
 from __future__ import annotations
 

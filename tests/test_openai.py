@@ -66,7 +66,7 @@ def test_completions_equal_direct_grpc(live_server, oai):
 def test_chat_uses_the_template_streaming_and_not(live_server, oai):
     prompt = _prompt(live_server, "reverse")
     want = generate_grpc(live_server.triton.grpc_url, prompt, "reverse", stream=False, max_tokens=MAX_TOKENS)
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": prompt}]
+    messages = [{"role": "user", "content": prompt}]  # one user turn: the template and the fallback agree
     got = oai.chat.completions.create(model="reverse", messages=messages, max_tokens=MAX_TOKENS, seed=1)
     assert got.choices[0].message.role == "assistant" and got.choices[0].message.content == want.text
     assert got.usage.completion_tokens == want.completion_tokens and got.object == "chat.completion"
@@ -192,3 +192,20 @@ def test_metrics_endpoint_and_status_command(live_server, oai):
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "upper" in result.output and "TTFT ms" in result.output and "resident variants" in result.output
+
+
+def test_chat_template_of_the_family_and_the_fallback(tmp_path):
+    """The family tokenizer's template: user turns as they are, assistant turns + EOS, system dropped; a
+    tokenizer without a template gets the documented fallback (contents joined by newlines)."""
+    from deltazip.family.tokenizer import build_tokenizer
+    from deltazip.serving.openai_api import ChatPrompter
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse ab="},
+                {"role": "assistant", "content": "ba"}, {"role": "user", "content": "reverse cd="}]
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "with")
+    assert ChatPrompter(tmp_path / "with")(messages) == "reverse ab=ba</s>reverse cd="
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "without")
+    (tmp_path / "without" / "chat_template.jinja").unlink(missing_ok=True)
+    assert ChatPrompter(tmp_path / "without")(messages) == "be brief\nreverse ab=\nba\nreverse cd="

@@ -143,7 +143,8 @@ def build(base_dir: Path, deltas_dir: Path, out: Path, runtime: RuntimeConfig, b
             manifest["trtllm"] = build_trtllm(base_dir, [Path(e.path) for e in entries], tmp / TRTLLM_DIR,
                                               tp=tp, delta_slots=runtime.delta_slots,
                                               max_batch_size=runtime.max_batch_size,
-                                              max_input_len=runtime.max_context, max_seq_len=runtime.max_context)
+                                              max_input_len=runtime.max_context,
+                                              max_seq_len=runtime.max_context)
             # the served model reads the stage from the final location (OUT/trtllm) after the rename
             values = {**values, "trtllm_dir": pbtxt_string(str(out / TRTLLM_DIR))}
         render_repo(tmp / REPO_DIR, values, variant_template(backend))

@@ -58,7 +58,8 @@ def delta_name(delta_dir: Path) -> str:
 
 def planned_files(delta_names: Sequence[str], tp: int) -> list[str]:
     """Every file the stage writes, relative to its directory, sorted."""
-    files = ["trtllm_build.json", "checkpoint/config.json", "engine/config.json"]
+    # modelopt's exporter writes quant_cfg.json beside config.json for every base, quantized or not
+    files = ["trtllm_build.json", "checkpoint/config.json", "checkpoint/quant_cfg.json", "engine/config.json"]
     for rank in range(tp):
         files += [f"checkpoint/rank{rank}.safetensors", f"engine/rank{rank}.engine"]
         for name in delta_names:
@@ -103,7 +104,8 @@ def slot_layout(deltas_root: Path, names: Sequence[str]) -> dict:
             entry["group_size"] = min(entry["group_size"], info["group_size"])
         for param, info in manifest["dense"].items():
             if not param.endswith(NORM_PARAMS):
-                raise DeltazipError(f"delta '{name}' stores {param} densely (16-bit deltas): the engine applies "
+                raise DeltazipError(f"delta '{name}' stores {param} densely (16-bit deltas): the engine "
+                                    "applies "
                                     "dense deltas to norms only; compress it with bits < 16")
             dense.setdefault(param, dict(info))
     return {"packed": packed, "dense": dense}
@@ -122,7 +124,8 @@ def build_trtllm(base_dir: Path, delta_dirs: Sequence[Path], out_dir: Path, *, t
     with atomic_dir(Path(out_dir), overwrite) as tmp:
         names = convert(base_dir, delta_dirs, tmp, tp=tp, dtype=dtype, base_quant=base_quant, calib=calib)
         layout = slot_layout(tmp / "deltas", names)
-        settings = {"delta_slots": delta_slots, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
+        settings = {"delta_slots": delta_slots, "max_batch_size": max_batch_size,
+                    "max_input_len": max_input_len,
                     "max_seq_len": max_seq_len, "use_fused_mlp": FUSED_MLP}
         for rank in range(tp):
             build_rank_engine(tmp / "checkpoint", tmp / "engine", rank, layout, **settings)

@@ -1,18 +1,21 @@
-"""GPU only — not verified on this machine: one TensorRT-LLM 1.2.x engine per rank with deltazip's delta layers.
+"""GPU only — not verified on this machine: one TensorRT-LLM 1.2.x engine per rank with the delta layers.
 
 Imported only by `deltazip.builder.trtllm.build_trtllm` after `require_trtllm()` succeeded. Every call below
 was read against TensorRT-LLM sources (NVIDIA/TensorRT-LLM, the 1.2.0rc2-era snapshot available here; 1.2.1
 is the pinned release — re-read on upgrade):
 
 - tensorrt_llm/models/modeling_utils.py: ``PretrainedModel.from_checkpoint(ckpt_dir, rank=...)``,
-  ``Module.named_modules()``; tensorrt_llm/models/llama/model.py: module names ``transformer.vocab_embedding``,
+  ``Module.named_modules()``; tensorrt_llm/models/llama/model.py: module names
+  ``transformer.vocab_embedding``,
   ``transformer.layers.{i}.{attention.qkv, attention.dense, mlp.fc, mlp.gate, mlp.proj, input_layernorm,
   post_layernorm}``, ``transformer.ln_f``, ``lm_head`` (lm_head runs after ``gather_last_token_logits``).
 - tensorrt_llm/builder.py: ``build(model, build_config)`` calls ``optimize_model_with_config`` (which applies
   ``fuse_gate_mlp`` when ``build_config.plugin_config.use_fused_mlp``), then
   ``Builder().create_builder_config(...)`` → ``BuilderConfig.trt_builder_config`` (the ``trt.IBuilderConfig``)
   and ``Engine.save(engine_dir)`` (config.json + rank{r}.engine).
-- tensorrt_llm/plugin/plugin.py: ``PluginConfig.use_fused_mlp`` (default True).
+- tensorrt_llm/plugin/plugin.py: ``PluginConfig.use_fused_mlp`` (default True); tensorrt_llm/builder.py:
+  ``BuildConfig`` (dataclass: max_batch_size, max_input_len, max_seq_len, max_num_tokens,
+  output_timing_cache, plugin_config).
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def swap_delta_layers(model, layout: dict, inputs) -> list[str]:
     from deltazip.plugins.trtllm_layers import TrtDeltaEmbedding, TrtDeltaLinear, TrtDeltaNorm
 
     modules = dict(model.named_modules())
-    wanted = dict.fromkeys(layout["packed"]) | dict.fromkeys(p.removesuffix(".weight") for p in layout["dense"])
+    norms = (p.removesuffix(".weight") for p in layout["dense"])
+    wanted = dict.fromkeys(layout["packed"]) | dict.fromkeys(norms)
     swapped = []
     for name in wanted:
         module = modules.get(name)
@@ -65,7 +69,8 @@ def swap_delta_layers(model, layout: dict, inputs) -> list[str]:
         parent = modules[parent_name] if parent_name else model
         if name == EMBEDDING:
             info = layout["packed"][name]
-            vocab = getattr(module, "num_embeddings", None) or info["out_features"]  # full (rank layouts split it)
+            # the full vocabulary (rank layouts split it)
+            vocab = getattr(module, "num_embeddings", None) or info["out_features"]
             layer = TrtDeltaEmbedding(module, name, vocab, info["in_features"], inputs)
         elif name in layout["packed"]:
             info = layout["packed"][name]
@@ -73,8 +78,8 @@ def swap_delta_layers(model, layout: dict, inputs) -> list[str]:
                     "column" if name.endswith(COLUMN_MODULES) else None)
             if kind is None:
                 raise DeltazipError(f"no delta layer for module {name}")
-            shape = DeltaGemmShape(info["out_features"], info["in_features"], info["bits"], info["group_size"],
-                                   info["sparse24"], inputs.num_slots)
+            shape = DeltaGemmShape(info["out_features"], info["in_features"], info["bits"],
+                                   info["group_size"], info["sparse24"], inputs.num_slots)
             layer = TrtDeltaLinear(module, name, shape, kind, inputs)
         else:
             hidden = layout["dense"][f"{name}.weight"]["shape"][0]
@@ -96,8 +101,10 @@ def build_rank_engine(checkpoint: Path, engine_dir: Path, rank: int, layout: dic
     max_num_tokens = max_batch_size * max_input_len
     inputs = DeltaEngineInputs(delta_slots, max_num_tokens, max_batch_size, model.config.dtype)
     swap_delta_layers(model, layout, inputs)
+    # BuildConfig is a dataclass in tensorrt_llm/builder.py; output_timing_cache defaults to 'model.cache',
+    # which build() would write into the current directory: off, so the build writes only planned files
     config = BuildConfig(max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
-                         max_num_tokens=max_num_tokens)
+                         max_num_tokens=max_num_tokens, output_timing_cache=None)
     config.plugin_config.use_fused_mlp = use_fused_mlp  # fuse_gate_mlp would drop the mlp.fc/gate deltas
     with aliased_plugin_io():
         engine = build(model, config)

@@ -42,7 +42,8 @@ def build(ctx: click.Context, base: str | None, deltas_dir: str | None, out: str
                          dry_run=dry_run)
     if dry_run:
         root = out_dir.resolve()
-        click.echo(f"dry run: `deltazip build --backend {backend}` would write {len(manifest['files'])} files "
+        click.echo(f"dry run: `deltazip build --backend {backend}` would write "
+                   f"{len(manifest['files'])} files "
                    f"under {root} (nothing written):")
         for rel in manifest["files"]:
             click.echo(str(root / rel))

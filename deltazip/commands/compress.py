@@ -40,6 +40,9 @@ def compress(ctx: click.Context, base: str, target: str, out: str | None, name: 
     from deltazip.ui import print_table
 
     config = get_config(ctx)
+    from deltazip.threads import configure_threads
+
+    configure_threads(config.runtime.threads)  # the CPUs this process may use, or [runtime] threads
     base_dir, target_dir = config.resolve_model(base), config.resolve_model(target)
     flags = {"bits": int(bits) if bits else None, "sparsity": sparsity, "group_size": group_size,
              "n_samples": n_samples, "seq_len": seq_len, "damp": damp, "block_size": block_size,

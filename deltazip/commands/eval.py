@@ -51,6 +51,9 @@ def eval_cmd(ctx: click.Context, artifact: Path, base: str | None, family_dir: P
     hf_logging.disable_progress_bar()  # one progress bar (ours), not one per model load
     baseline_names = parse_baselines(baselines)
     config = get_config(ctx)
+    from deltazip.threads import configure_threads
+
+    configure_threads(config.runtime.threads)  # the CPUs this process may use, or [runtime] threads
     if not (artifact / "manifest.json").is_file():
         raise DeltazipError(f"delta artifact not found: {artifact} (no manifest.json)")
     base_dir = config.resolve_model(base or config.build.base)

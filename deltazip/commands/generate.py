@@ -34,6 +34,9 @@ def generate(ctx: click.Context, base: str | None, delta: str | None, prompt: st
     from deltazip.runtime import Engine
 
     config = get_config(ctx)
+    from deltazip.threads import configure_threads
+
+    configure_threads(config.runtime.threads)  # the CPUs this process may use, or [runtime] threads
     base_dir = config.resolve_model(base or config.build.base)
     store = config.path(deltas_dir) if deltas_dir else config.path(config.store.deltas)
     runtime = config.runtime if device is None else dataclasses.replace(config.runtime, device=device)
@@ -50,17 +53,17 @@ def _is_path(delta: str) -> bool:
 
 
 def _single_store(artifact: Path, scratch: Path) -> tuple[str, Path]:
-    """(its name, a store holding only it): a symlink NAME.dz → the artifact, so nothing is copied."""
-    import os
-
+    """(its name, a store holding only it): NAME.dz with the artifact's files hard-linked (copied across file
+    systems); not a symlink, which the pool refuses when it points out of its store."""
     from deltazip.errors import DeltazipError
     from deltazip.format import read_manifest
+    from deltazip.fsutil import link_tree
 
     if not (artifact / "manifest.json").is_file():
         raise DeltazipError(f"--delta {artifact}: not a delta artifact (no manifest.json); give a NAME.dz "
                             "directory or the name of a delta in the store")
     name = read_manifest(artifact)["name"]
-    os.symlink(artifact.resolve(), scratch / f"{name}.dz")
+    link_tree(artifact, scratch / f"{name}.dz")
     return name, scratch
 
 

@@ -9,18 +9,21 @@ import click
 
 @click.command()
 @click.argument("artifact", type=click.Path(file_okay=False))
-@click.option("--verify/--no-verify", default=True, help="Check the files' sha256 against the manifest.")
+@click.option("--verify/--no-verify", default=True,
+              help="Load it as the server does (every checksum, every tensor decoded); --no-verify reads and "
+                   "validates only the manifest.")
 def inspect(artifact: str, verify: bool) -> None:
     """Show what a delta artifact holds."""
     from pathlib import Path
 
-    from deltazip.format import read_manifest, verify_files
+    from rich.markup import escape
+
+    from deltazip.format import load_delta, read_manifest
     from deltazip.ui import console, print_table
 
     path = Path(artifact)
-    manifest = read_manifest(path)
-    if verify:
-        verify_files(path, manifest)
+    # the one loader the server uses: "checksums ok" means the artifact loads, not only that files hash
+    manifest = load_delta(path, verify=True).manifest if verify else read_manifest(path)
     rows = []
     for name, entry in manifest["tensors"].items():
         numel = math.prod(entry["shape"])
@@ -35,11 +38,13 @@ def inspect(artifact: str, verify: bool) -> None:
         rows.append([name, codec, entry["encoding"], f"{8 * stored / max(numel, 1):.3f}", stored,
                      f"{2 * numel / max(stored, 1):.1f}x"])
     columns = ["tensor", "codec", "lossless", "bits/weight", "bytes", "ratio"]
-    print_table(f"{manifest['name']} ({path})", columns, rows)
+    print_table(escape(f"{manifest['name']} ({path})"), columns, rows)
     stats = manifest.get("stats", {})
     settings = manifest.get("settings", {})
-    console.print(f"base {manifest['base'].get('name', '?')} {manifest['base']['fingerprint'][:23]}…  "
-                  f"target {manifest.get('target', '?')}  settings {settings}")
+    # informational fields are free text: shown cut short and escaped (never read as rich markup)
+    base = manifest["base"]
+    console.print(escape(f"base {base.get('name', '?')[:200]} {base['fingerprint'][:23]}…  "
+                         f"target {manifest.get('target', '?')[:200]}  settings {str(settings)[:1000]}"))
     print_table("totals", ["parameters", "artifact bytes", "ratio vs fp16", "bits/weight", "lossless gain",
                            "compress s", "checksums"],
                 [[stats.get("num_parameters"), stats.get("artifact_bytes"), f"{stats.get('ratio', 0):.2f}x",

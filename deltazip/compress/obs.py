@@ -1,30 +1,78 @@
-"""OBS column sweep (SparseGPT + GPTQ): jointly prunes (2:4 or a fraction) and quantizes one delta matrix."""
+"""OBS column sweep (SparseGPT + GPTQ): jointly prunes (2:4 or a fraction) and quantizes one delta matrix.
+
+One sweep, GPTQ-style: the columns are visited once (by groups of 4, in decreasing input energy when the
+scale is per row), each column's quantization error is fed back to the columns not yet visited through
+the upper Cholesky factor U of H⁻¹ — within a block of `block_size` columns by rank-1 updates (inside a
+sub-block) and small GEMMs, to the rest of the matrix by one GEMM per block ("lazy batch" updates).
+The 2:4 mask of each group of 4 is chosen when the sweep reaches it, on the error-updated weights,
+keeping the two values whose quantized value removes the most output error. After the sweep the
+per-row scales are refit in closed form (least squares under H, sketched for large K), keeping a row's
+new scale only where it lowers the estimated error.
+
+Layout: the sweep runs on Wᵀ [K, N] so a column is a contiguous row; the per-column work runs on one
+thread (tiny ops lose more to thread hand-off than they gain), the GEMMs on all of torch's threads.
+"""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from deltazip.compress.quantize import dequantize, fit_scale, likely_kept, quantize, zero_code
+from deltazip.compress.quantize import fit_scale, likely_kept, zero_code
 from deltazip.packed import PackedLinear
 
-# OBS passes: the second re-quantizes against the least-squares scales refit after the first.
-SWEEPS = 2
+SUB_BLOCK = 32  # columns per rank-1-update sub-block inside a block (multiple of 4)
+SKETCH = 256  # columns of the random sketch of H used by the per-row scale refit when K > 2·SKETCH
+FIT_COLUMNS = 2048  # at most this many columns (whole groups of 4) feed the initial per-row scale fit
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ after damping (damp · mean diag); dead inputs get H_jj = 1."""
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    diag = torch.arange(h.shape[0])
-    h[diag, diag] += damp * torch.mean(torch.diag(h))
-    for attempt in range(5):  # grow damping if H is numerically indefinite
-        factor, info = torch.linalg.cholesky_ex(h)
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) after damping (damp · mean diag); dead inputs: H_jj = 1."""
+    return _factors(hessian, damp)[0]
+
+
+def _factors(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, F): U the upper Cholesky factor of the damped H⁻¹, F a square root of the damped H (F Fᵀ = H).
+
+    With P the reversal permutation and P H P = L Lᵀ: H⁻¹ = (P L⁻¹ P)ᵀ (P L⁻¹ P) and H = (P L)(P L)ᵀ —
+    one Cholesky and one triangular inverse (by GEMMs), in float32.
+    """
+    h = _damped(hessian, damp)
+    diag = torch.arange(h.shape[0], device=h.device)
+    for attempt in range(6):  # grow damping if H is numerically indefinite
+        lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
         if info == 0:
             break
-        h[diag, diag] += damp * torch.mean(torch.diag(h)) * 10**attempt
-    h_inv = torch.cholesky_inverse(factor)
-    return torch.linalg.cholesky(h_inv, upper=True).float()
+        h[diag, diag] += damp * torch.mean(torch.diag(h)) * 10**attempt + 1e-6
+    else:
+        raise ValueError("the input Hessian is not positive definite even after damping")
+    return _lower_inverse(lower).flip(0, 1), lower.flip(0)
+
+
+def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    diag = torch.arange(h.shape[0], device=h.device)
+    h[diag, diag] += damp * torch.mean(torch.diag(h))
+    return h
+
+
+def _lower_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by recursive 2x2 blocking (GEMMs; LAPACK's trtri is slow here)."""
+    n = lower.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    m = n // 2
+    out = torch.zeros_like(lower)
+    a_inv = _lower_inverse(lower[:m, :m], leaf)
+    c_inv = _lower_inverse(lower[m:, m:], leaf)
+    out[:m, :m] = a_inv
+    out[m:, m:] = c_inv
+    out[m:, :m] = -(c_inv @ (lower[m:, :m] @ a_inv))
+    return out
 
 
 def solve_delta(delta: torch.Tensor, hessian: torch.Tensor | None, bits: int, sparsity: str,
@@ -39,79 +87,177 @@ def solve_delta(delta: torch.Tensor, hessian: torch.Tensor | None, bits: int, sp
     if sparse24 and n_cols % 32:
         raise ValueError(f"2:4 sparsity needs in_features % 32 == 0, got {n_cols}")
     block_size = max(4, block_size - block_size % 4)
-
-    w = delta.float().clone()
+    w = delta.float()
     if hessian is None:
-        h_inv = torch.eye(n_cols)
-    else:
-        w[:, torch.diag(hessian) == 0] = 0
-        h_inv = inverse_hessian_factor(hessian, damp)
-    h = torch.eye(n_cols) if hessian is None else hessian.float()
-    best, best_err, fixed = None, None, None
-    for _ in range(SWEEPS):
-        codes, pruned, scales = _sweep(w.clone(), h_inv, bits, sparse24, prune_fraction, group, block_size,
-                                       fixed)
-        steps = codes - zero_code(bits)
-        scales = refit_scales(delta.float(), steps, scales, h, group)
-        err = output_error(delta.float(), steps, scales, h, group).sum()
-        if best_err is None or err < best_err:
-            best, best_err = (codes, pruned, scales), err
-        fixed = scales  # next sweep quantizes against the refit scales
-    codes, pruned, scales = best
-    return _pack(codes.long(), pruned, scales, bits, group, sparse24)
+        steps, pruned, scales = _round_to_nearest(w, bits, sparse24, prune_fraction, group)
+        return _pack(steps, pruned, scales, bits, group, sparse24)
+
+    w = w.clone()
+    w[:, torch.diag(hessian) == 0] = 0
+    per_row = group == n_cols
+    order = _act_order(hessian) if per_row and n_cols % 4 == 0 else None
+    h = hessian.float()
+    if order is not None:
+        w, h = w[:, order], h[order][:, order]
+    u, root = _factors(h, damp)
+    scales = _initial_row_scales(w, bits, sparse24, prune_fraction) if per_row else None
+    steps, pruned, scales = _sweep(w.clone(), u, bits, sparse24, prune_fraction, group, block_size, scales)
+    scales = refit_scales(w, steps, scales, h, group, root)
+    if order is not None:
+        inverse = torch.argsort(order)
+        steps, pruned = steps[:, inverse], pruned[:, inverse]
+    return _pack(steps, pruned, scales, bits, group, sparse24)
 
 
-def _sweep(w: torch.Tensor, h_inv: torch.Tensor, bits: int, sparse24: bool, prune_fraction: float, group: int,
-           block_size: int, fixed_scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """One OBS pass over the columns of w (modified in place): codes [N, K], pruned mask, scales [N, G]."""
+def _act_order(hessian: torch.Tensor) -> torch.Tensor:
+    """Column order: groups of 4 by decreasing largest input energy diag(H) (2:4 groups stay whole)."""
+    energy = torch.diag(hessian).float().reshape(-1, 4).amax(1)
+    first = torch.argsort(energy, descending=True, stable=True) * 4
+    return (first.unsqueeze(1) + torch.arange(4, device=hessian.device)).reshape(-1)
+
+
+def _initial_row_scales(w: torch.Tensor, bits: int, sparse24: bool, prune_fraction: float) -> torch.Tensor:
+    """Per-row scales [N, 1] fitted to the values a magnitude prune would keep (a subsample of columns)."""
     n_rows, n_cols = w.shape
-    codes = torch.full((n_rows, n_cols), float(zero_code(bits)))
-    pruned = torch.zeros(n_rows, n_cols, dtype=torch.bool)
-    scales = torch.zeros(n_rows, n_cols // group) if fixed_scales is None else fixed_scales.clone()
-    scale = torch.ones(n_rows, 1)
+    if n_cols > FIT_COLUMNS and n_cols % 4 == 0:
+        stride = -(-n_cols // FIT_COLUMNS)
+        w = w.reshape(n_rows, -1, 4)[:, ::stride].reshape(n_rows, -1)
+    if sparse24 and w.shape[1] % 4 == 0:  # the fit serves the 2 largest of each 4: fit on those alone
+        groups = w.reshape(n_rows, -1, 4)
+        return fit_scale(groups.gather(-1, groups.abs().topk(2, dim=-1).indices).reshape(n_rows, -1), bits)
+    return fit_scale(w, bits, likely_kept(w, sparse24, 1.0 - prune_fraction))
+
+
+def _round_to_nearest(w: torch.Tensor, bits: int, sparse24: bool, prune_fraction: float,
+                      group: int) -> tuple[torch.Tensor, ...]:
+    """No Hessian: magnitude pruning and round-to-nearest, vectorised over the whole matrix."""
+    n_rows, n_cols = w.shape
+    scales = torch.cat([fit_scale(w[:, g:g + group], bits, likely_kept(w[:, g:g + group], sparse24,
+                                                                        1.0 - prune_fraction))
+                        for g in range(0, n_cols, group)], dim=1)
+    full = scales.repeat_interleave(group, dim=1)
+    z, top = zero_code(bits), (1 << bits) - 1 - zero_code(bits)
+    steps = torch.round(w / full).clamp_(-z, top)
+    if sparse24:
+        gain = w.square() - (w - steps * full).square()
+        drop = gain.reshape(n_rows, -1, 4).topk(2, dim=-1, largest=False).indices
+        pruned = torch.zeros(n_rows, n_cols // 4, 4, dtype=torch.bool, device=w.device)
+        pruned = pruned.scatter_(-1, drop, True).reshape(n_rows, n_cols)
+    elif prune_fraction > 0:
+        k = int(w.numel() * prune_fraction)
+        pruned = w.abs() <= w.abs().flatten().kthvalue(k).values if k else torch.zeros_like(w).bool()
+    else:
+        pruned = torch.zeros_like(w, dtype=torch.bool)
+    steps[pruned] = 0
+    return steps, pruned, scales
+
+
+@contextlib.contextmanager
+def _threads(count: int, device: torch.device):
+    """Run the block on `count` torch threads (CPU only), restoring the previous setting after."""
+    if device.type != "cpu" or count == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fraction: float, group: int,
+           block_size: int, row_scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """One OBS pass over the columns of w: steps (code − zero) [N, K], pruned mask [N, K], scales [N, G].
+
+    `row_scales` [N, 1]: quantize every column against it; None: fit each group's scale when the sweep
+    reaches the group (on the error-updated weights).
+    """
+    n_rows, n_cols = w.shape
+    device = w.device
+    z, top = zero_code(bits), (1 << bits) - 1 - zero_code(bits)
+    wt = w.T.contiguous()  # [K, N]: column k of w is row k of wt
+    steps = torch.zeros(n_cols, n_rows, device=device)
+    errs = torch.zeros(n_cols, n_rows, device=device)
+    pruned = torch.zeros(n_cols, n_rows, dtype=torch.bool, device=device)
+    if row_scales is None:
+        scales = torch.zeros(n_rows, n_cols // group, device=device)
+        scale = inv_scale = None
+    else:
+        scales = row_scales.reshape(n_rows, 1).float()
+        scale, inv_scale = scales[:, 0], 1.0 / scales[:, 0]
+    keep = torch.ones(4, n_rows, device=device)
+    drop_mask = torch.zeros(4, n_rows, dtype=torch.bool, device=device)
+    sub = max(4, SUB_BLOCK - SUB_BLOCK % 4)
     for start in range(0, n_cols, block_size):
         end = min(start + block_size, n_cols)
-        w_block = w[:, start:end]  # a view: in-block updates land in w
-        h_inv_block = h_inv[start:end, start:end]
-        h_inv_diag = torch.diag(h_inv_block)
-        err_block = torch.zeros_like(w_block)
-        if prune_fraction > 0:
-            saliency = w_block.pow(2) / h_inv_diag.pow(2)
+        if prune_fraction > 0:  # unstructured: a saliency threshold over the block's entries
+            saliency = wt[start:end].square() / torch.diag(u)[start:end, None].square()
             k = int(saliency.numel() * prune_fraction)
             if k > 0:
-                threshold = saliency.flatten().kthvalue(k).values
-                pruned[:, start:end] = saliency <= threshold
-        for i in range(end - start):
-            col = start + i
-            if col % group == 0:
-                if fixed_scales is None:
-                    span = w[:, col:col + group]
-                    keep = likely_kept(span, sparse24, 1.0 - prune_fraction)
-                    scales[:, col // group] = fit_scale(span, bits, keep)[:, 0]
-                scale = scales[:, col // group].unsqueeze(1)
-            if sparse24 and col % 4 == 0:
-                saliency = w_block[:, i:i + 4].pow(2) / h_inv_diag[i:i + 4].pow(2)
-                drop = saliency.topk(2, dim=1, largest=False).indices
-                pruned[:, col:col + 4].scatter_(1, drop, True)
-            column = w_block[:, i]
-            q = quantize(column.unsqueeze(1), scale, bits)[:, 0]
-            q = torch.where(pruned[:, col], float(zero_code(bits)), q)
-            codes[:, col] = q
-            approx = dequantize(q.unsqueeze(1), scale, bits)[:, 0]
-            err = (column - approx) / h_inv_diag[i]
-            w_block[:, i:] -= err.unsqueeze(1) * h_inv_block[i, i:].unsqueeze(0)
-            err_block[:, i] = err
-        w[:, end:] -= err_block @ h_inv[start:end, end:]
-    return codes, pruned, scales
+                pruned[start:end] = saliency <= saliency.flatten().kthvalue(k).values
+        with _threads(1, device):
+            for a in range(start, end, sub):
+                b = min(a + sub, end)
+                u_sub = u[a:b, a:b]
+                inv_diag = (1.0 / torch.diag(u_sub)).tolist()
+                for g in range(a, b, 4):
+                    if scale is None and g % group == 0:
+                        span = wt[g:g + group].T
+                        fitted = fit_scale(span, bits, likely_kept(span, sparse24, 1.0 - prune_fraction))
+                        scales[:, g // group] = fitted[:, 0]
+                        scale, inv_scale = scales[:, g // group], 1.0 / scales[:, g // group]
+                    if sparse24:  # keep the 2 of 4 whose quantized values remove the most output error
+                        wg = wt[g:g + 4]
+                        approx = torch.round(wg * inv_scale).clamp_(-z, top).mul_(scale)
+                        gain = (wg.square() - (wg - approx).square()) * torch.diag(u_sub)[g - a:g - a + 4,
+                                                                                           None].pow(-2)
+                        drop = gain.topk(2, dim=0, largest=False).indices
+                        keep.fill_(1.0).scatter_(0, drop, 0.0)
+                        drop_mask.fill_(False).scatter_(0, drop, True)
+                        pruned[g:g + 4] = drop_mask
+                    for j in range(g, min(g + 4, b)):
+                        col, step, err = wt[j], steps[j], errs[j]
+                        torch.mul(col, inv_scale, out=step)
+                        step.round_().clamp_(-z, top)
+                        if sparse24:
+                            step.mul_(keep[j - g])
+                        elif prune_fraction > 0:
+                            step.masked_fill_(pruned[j], 0.0)
+                        torch.addcmul(col, step, scale, value=-1, out=err)
+                        err.mul_(inv_diag[j - a])
+                        if j + 1 < b:
+                            wt[j + 1:b].addr_(u_sub[j - a, j + 1 - a:], err, alpha=-1)
+                if b < end:
+                    wt[b:end].addmm_(u[a:b, b:end].T, errs[a:b], alpha=-1)
+        if end < n_cols:
+            wt[end:].addmm_(u[start:end, end:].T, errs[start:end], alpha=-1)
+    return steps.T, pruned.T, scales
 
 
 def refit_scales(delta: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor, h: torch.Tensor,
-                 group: int) -> torch.Tensor:
+                 group: int, root: torch.Tensor | None = None) -> torch.Tensor:
     """Refit scales [N, G] to the chosen codes: s_g = (u_gᵀ H_gg Δ_g) / (u_gᵀ H_gg u_g), u = code − zero.
 
-    Exact least squares for ‖(Ŵ − Δ) X‖² when G = 1; per-group (block-diagonal H) otherwise. A row keeps
-    its new scales only if its output error drops.
+    Least squares for ‖(Ŵ − Δ) X‖² when G = 1 (given `root`, F with F Fᵀ = H damped, and K > 2·SKETCH: H
+    sketched as (F·S)(F·S)ᵀ, S a seeded Gaussian [K, SKETCH]); per group (block-diagonal H) otherwise. A
+    row keeps its new scales only where the (estimated) output error drops.
     """
+    n_rows, n_cols = steps.shape
+    if group == n_cols:
+        if root is not None and n_cols > 2 * SKETCH:
+            gen = torch.Generator(device=h.device).manual_seed(0)
+            sketch = torch.randn(n_cols, SKETCH, generator=gen, device=h.device) / SKETCH**0.5
+            factor = root @ sketch  # E[factor factorᵀ] = F Fᵀ = H (damped)
+            steps_x, delta_x = steps @ factor, delta @ factor
+            a, b = (steps_x * steps_x).sum(1, keepdim=True), (steps_x * delta_x).sum(1, keepdim=True)
+        else:
+            steps_h = steps @ h
+            a, b = (steps_h * steps).sum(1, keepdim=True), (steps_h * delta).sum(1, keepdim=True)
+        fitted = _fp16(torch.where(a > 0, b / a.clamp_min(1e-30), scales))
+        # per row, error(s) − ΔHΔᵀ = a·s² − 2·b·s
+        better = a * fitted.square() - 2 * b * fitted < a * scales.square() - 2 * b * scales
+        return torch.where(better, fitted, scales)
     fitted = scales.clone()
     for g in range(scales.shape[1]):
         cols = slice(g * group, (g + 1) * group)
@@ -119,26 +265,38 @@ def refit_scales(delta: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor,
         num = (steps_h * delta[:, cols]).sum(1)
         den = (steps_h * steps[:, cols]).sum(1)
         fitted[:, g] = torch.where(den > 0, num / den.clamp_min(1e-30), scales[:, g])
-    fitted = fitted.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny).float()
+    fitted = _fp16(fitted)
     better = output_error(delta, steps, fitted, h, group) < output_error(delta, steps, scales, h, group)
     return torch.where(better, fitted, scales)
 
 
+def _fp16(scales: torch.Tensor) -> torch.Tensor:
+    return scales.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny).float()
+
+
 def output_error(delta: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor, h: torch.Tensor,
                  group: int) -> torch.Tensor:
-    """Per-row ‖(Ŵ − Δ) X‖² / n as (Ŵ − Δ) H (Ŵ − Δ)ᵀ diagonal: [N, 1]."""
+    """Per-row ‖(Ŵ − Δ) X‖² / n as (Ŵ − Δ) H (Ŵ − Δ)ᵀ diagonal: [N, 1] (block-diagonal H per group)."""
     diff = scales.repeat_interleave(group, dim=1) * steps - delta
-    return ((diff @ h) * diff).sum(1, keepdim=True)
+    if group == delta.shape[1]:
+        return ((diff @ h) * diff).sum(1, keepdim=True)
+    out = torch.zeros(delta.shape[0], 1, device=delta.device)
+    for g in range(0, delta.shape[1], group):
+        d = diff[:, g:g + group]
+        out += ((d @ h[g:g + group, g:g + group]) * d).sum(1, keepdim=True)
+    return out
 
 
-def _pack(codes: torch.Tensor, pruned: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
+def _pack(steps: torch.Tensor, pruned: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
           sparse24: bool) -> PackedLinear:
-    """Full codes [N, K] + pruned mask → PackedLinear (2:4: kept codes and canonical positions only)."""
-    n_rows, n_cols = codes.shape
+    """Steps (code − zero) [N, K] + pruned mask → PackedLinear (2:4: kept codes and canonical positions)."""
+    n_rows, n_cols = steps.shape
+    codes = (steps + zero_code(bits)).long().cpu()
+    scales = scales.cpu()
     zeros = torch.full_like(scales, float(zero_code(bits)))
     if not sparse24:
         return PackedLinear.from_codes(codes, scales, zeros, bits, group)
-    positions, kept = canonical_24(codes, ~pruned, zero_code(bits))
+    positions, kept = canonical_24(codes, ~pruned.cpu(), zero_code(bits))
     return PackedLinear.from_codes(kept, scales, zeros, bits, group, positions=positions, in_features=n_cols)
 
 
@@ -153,9 +311,13 @@ def canonical_24(codes: torch.Tensor, keep: torch.Tensor, zero: int) -> tuple[to
     nonzero = keep.reshape(n_rows, -1, 4) & (groups != zero)
     if int(nonzero.sum(-1).max()) > 2:
         raise ValueError("more than 2 kept values in a group of 4")
-    slot = torch.arange(4)
-    # rank slots: nonzero kept values first (by position), then the remaining slots by position
-    order = torch.argsort((~nonzero).long() * 4 + slot, dim=-1, stable=True)[..., :2]
-    positions, _ = order.sort(dim=-1)
+    # rank slots by key = position + 4·(not a nonzero kept value): nonzero kept values first, by position;
+    # the two lowest keys are the kept slots (4 slots: 16 comparisons beat a sort)
+    key = (~nonzero).to(torch.int8) * 4 + torch.arange(4, dtype=torch.int8)
+    rank = (key.unsqueeze(-1) > key.unsqueeze(-2)).sum(-1, dtype=torch.int8)  # [N, G, 4]
+    slot = torch.arange(4, dtype=torch.int8)
+    first = ((rank == 0).to(torch.int8) * slot).sum(-1, dtype=torch.int8)
+    second = ((rank == 1).to(torch.int8) * slot).sum(-1, dtype=torch.int8)
+    positions = torch.stack([torch.minimum(first, second), torch.maximum(first, second)], dim=-1).long()
     kept = groups.gather(-1, positions)
     return positions.reshape(n_rows, -1), kept.reshape(n_rows, -1)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from deltazip.compress import allocate as alloc
+from deltazip.compress.anyprec import solve_any_precision
 from deltazip.compress.blocks import (
     EMBED,
     FINAL_NORM,
@@ -27,7 +29,9 @@ from deltazip.compress.tune import ScaleSet, tune_scales
 from deltazip.config import CompressConfig
 from deltazip.errors import DeltazipError
 from deltazip.format import fingerprint_model, merge_tensor, save_delta
+from deltazip.format.codec import encode_tensors
 from deltazip.format.manifest import check_name
+from deltazip.format.precision import AnyPrecisionLinear
 from deltazip.hf import ModelConfig, ModelWeights, read_config
 from deltazip.packed import PackedLinear
 from deltazip.ui import progress
@@ -82,17 +86,37 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class _Solver:
-    """Compress one delta matrix with the run's settings, naming the tensor in any user error."""
+    """Compress one delta matrix with the run's settings, naming the tensor in any user error.
 
-    def __init__(self, settings: CompressConfig) -> None:
-        self.settings = settings
+    `plan` (param → (bits, sparsity)) overrides the settings per tensor (budget allocation); with `profile`
+    every candidate layout is solved and recorded (bytes, relative error) and the settings' layout returned.
+    """
+
+    def __init__(self, settings: CompressConfig, plan: dict | None = None,
+                 profile: alloc.Profile | None = None) -> None:
+        self.settings, self.plan, self.profile = settings, plan or {}, profile
 
     def __call__(self, name: str, delta: torch.Tensor, hessian: torch.Tensor | None) -> PackedLinear:
         s = self.settings
         try:
-            return solve_delta(delta, hessian, s.bits, s.sparsity, s.group_size, s.damp, s.block_size)
+            if s.any_precision:
+                return solve_any_precision(delta, hessian, list(range(2, s.bits + 1)), s.sparsity == "2:4",
+                                           s.group_size, s.damp, s.block_size)
+            if self.profile is not None:
+                self._profile(name, delta, hessian)
+            bits, sparsity = self.plan.get(name, (s.bits, s.sparsity))
+            return solve_delta(delta, hessian, bits, sparsity, s.group_size, s.damp, s.block_size)
         except ValueError as e:
             raise DeltazipError(f"cannot compress {name}: {e}") from None
+
+    def _profile(self, name: str, delta: torch.Tensor, hessian: torch.Tensor | None) -> None:
+        s = self.settings
+        for bits, sparsity in alloc.CANDIDATES:
+            if sparsity == "2:4" and delta.shape[1] % 32:
+                continue
+            packed = solve_delta(delta, hessian, bits, sparsity, s.group_size, s.damp, s.block_size)
+            self.profile.add(name, (bits, sparsity), alloc.stored_bytes(packed),
+                             alloc.relative_error(delta, packed.dequantize(), hessian))
 
 
 def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | Path,
@@ -140,7 +164,12 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
     else:
         calib_path = resolve_calib(base_dir, calib or settings.calib)
         tokens = calibration_tokens(base_dir, calib_path, settings.n_samples, settings.seq_len)
-        _compress_sequential(base, target, tokens, settings, linears, exact, take_delta, warn_if_unrelated)
+        if settings.target_ratio > 0 or settings.budget_bytes > 0:
+            budget_stats = _compress_budgeted(base, target, tokens, settings, linears, exact, take_delta,
+                                              warn_if_unrelated, _info_estimate(target_cfg, settings))
+        else:
+            _compress_sequential(base, target, tokens, settings, linears, exact, take_delta,
+                                 warn_if_unrelated)
     warn_if_unrelated()
     rel_norm = math.sqrt(norms[0] / max(norms[1], 1e-30))
     info = {
@@ -153,21 +182,69 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
         "stats": {"compress_seconds": round(time.perf_counter() - started, 3),
                   "relative_delta_norm": rel_norm},
     }
+    if settings.bits != 16 and (settings.target_ratio > 0 or settings.budget_bytes > 0):
+        info["stats"].update(budget_stats)
     fingerprint = fingerprint_model(base_dir)
     save_delta(out_dir, name, fingerprint, linears, exact, info, settings.lossless, overwrite=overwrite)
     return out_dir
 
 
+def _info_estimate(target_cfg: ModelConfig, settings: CompressConfig) -> dict:
+    """Manifest fields other than tensors, at their final sizes (stats as full-precision floats)."""
+    stats = {k: 1 / 3 for k in ("compress_seconds", "relative_delta_norm", "num_parameters", "fp16_bytes",
+                                "raw_stream_bytes", "stored_stream_bytes", "lossless_gain", "artifact_bytes",
+                                "ratio", "bits_per_weight", "budget_bytes", "budget_rounds")}
+    return {"base": {"name": "x" * 32}, "target": "x" * 32, "model": dataclasses.asdict(settings),
+            "settings": {**dataclasses.asdict(settings), "calib": "x" * 32}, "stats": stats,
+            "format": "deltazip.delta", "version": 2, "name": "x" * 32,
+            "base_fp": "sha256:" + "0" * 64, "quality_margin": target_cfg.model_type}
+
+
+def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.Tensor,
+                       settings: CompressConfig, linears: dict, exact: dict, take_delta, after_first_block,
+                       info: dict) -> dict:
+    """Profile every candidate layout of every tensor, allocate the byte budget (allocate.py), then compress
+    with the plan; the budget shrinks by any overshoot of the estimate and the plan is redone (≤ 2 times)."""
+    fp16_bytes = 2 * sum(math.prod(target.shape(n)) for n in target.names())
+    budget = alloc.budget_for(fp16_bytes, settings.target_ratio, settings.budget_bytes)
+    profile = alloc.Profile()
+    scratch_linears: dict = {}
+    scratch_exact: dict = {}
+
+    def plain_delta(param: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return base.get(param), target.get(param)
+
+    quick = dataclasses.replace(settings, tune_steps=0)
+    _compress_sequential(base, target, tokens, quick, scratch_linears, scratch_exact, plain_delta,
+                         lambda: None, solver=_Solver(quick, profile=profile))
+    overhead = alloc.overhead_bytes(list(scratch_linears), scratch_exact, info)
+    alloc.check_reachable(fp16_bytes, budget, overhead, profile, settings.target_ratio, settings.budget_bytes)
+    linear_budget = budget - overhead
+    for rounds in range(1, 4):
+        plan = alloc.allocate(profile, linear_budget)
+        linears.clear()
+        exact.clear()
+        _compress_sequential(base, target, tokens, settings, linears, exact, take_delta, after_first_block,
+                             solver=_Solver(settings, plan=plan))
+        _, entries = encode_tensors(linears, {}, settings.lossless)
+        used = sum(s[2] for e in entries.values() for s in e["streams"])
+        if used <= budget - overhead or rounds == 3:
+            break
+        linear_budget -= used - (budget - overhead)
+        take_delta = plain_delta  # norms were accumulated in the first round
+    return {"budget_bytes": budget, "budget_rounds": rounds}
+
+
 @torch.no_grad()
 def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch.Tensor,
                          settings: CompressConfig, linears: dict, exact: dict, take_delta,
-                         after_first_block) -> None:
+                         after_first_block, solver: _Solver | None = None) -> None:
     """Embedding → blocks → final norm → lm_head; each stage sees the already compressed earlier stages.
 
     Two hidden streams run side by side: `hidden` through the compressed model and `hidden_ft` through the
     fine-tune, the teacher of scale tuning (settings.tune_steps).
     """
-    solve = _Solver(settings)
+    solve = solver or _Solver(settings)
     runner = BlockRunner(target.dir)
     b, t = take_delta(EMBED)
     embed_base = b.float()
@@ -190,8 +267,18 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
                 base_weights[lin] = b.float()
                 layer.get_submodule(lin).weight.copy_(b.float() + packed.dequantize())
         if settings.tune_steps > 0:
-            hidden = _tune_block(runner, layer, base_weights, linears, prefix, tokens, embed_base,
-                                 hidden, out_ft, settings, tune_embedding=index == 0)
+            names = [f"{prefix}{lin}" for lin in base_weights]
+            names += ["model.embed_tokens"] if index == 0 else []
+            views: dict[str, dict] = {n: {} for n in names}
+            for bits in _precisions(linears[names[0]]):  # any-precision: each precision tuned on its own
+                view = {**linears, **{n: _view(linears[n], bits) for n in names}}
+                tuned_hidden = _tune_block(runner, layer, base_weights, view, prefix, tokens, embed_base,
+                                           hidden, out_ft, settings, tune_embedding=index == 0)
+                for n in names:  # the widest precision goes last: its weights stay installed in `layer`
+                    views[n][bits] = view[n]
+            for n in names:
+                linears[n] = _joined(linears[n], views[n])
+            hidden = tuned_hidden
         compressed = {f"{prefix}{lin}.weight" for lin in _linear_set(layer)}
         for param in target.names():
             if param.startswith(prefix) and param not in compressed:
@@ -209,8 +296,22 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
         b, t = take_delta(LM_HEAD)
         linears["lm_head"] = solve(LM_HEAD, t.float() - b.float(), hessian_of(normed))
         if settings.tune_steps > 0:
-            linears["lm_head"] = _tune_head(linears["lm_head"], b.float(), t.float(), normed, normed_ft,
-                                            settings.tune_steps)
+            head = linears["lm_head"]
+            tuned = {bits: _tune_head(_view(head, bits), b.float(), t.float(), normed, normed_ft,
+                                      settings.tune_steps) for bits in _precisions(head)}
+            linears["lm_head"] = _joined(head, tuned)
+
+
+def _precisions(packed) -> list[int]:
+    return packed.precisions if isinstance(packed, AnyPrecisionLinear) else [packed.bits]
+
+
+def _view(packed, bits: int) -> PackedLinear:
+    return packed.views[bits] if isinstance(packed, AnyPrecisionLinear) else packed
+
+
+def _joined(packed, views: dict[int, PackedLinear]):
+    return AnyPrecisionLinear(views) if isinstance(packed, AnyPrecisionLinear) else next(iter(views.values()))
 
 
 def _tune_block(runner: BlockRunner, layer: torch.nn.Module, base_weights: dict, linears: dict, prefix: str,
@@ -279,3 +380,12 @@ def validate_settings(settings: CompressConfig) -> None:
         raise DeltazipError(f"--damp must be ≥ 0, not {settings.damp}")
     if settings.tune_steps < 0:
         raise DeltazipError(f"tune_steps must be ≥ 0, not {settings.tune_steps}")
+    budgeted = settings.target_ratio > 0 or settings.budget_bytes > 0
+    if budgeted and settings.bits == 16:
+        raise DeltazipError("--target-ratio/--budget-bytes allocate lossy layouts: not with --bits 16")
+    if settings.any_precision:
+        if budgeted:
+            raise DeltazipError("--any-precision cannot be combined with --target-ratio/--budget-bytes")
+        if settings.bits not in (3, 4) or sparsity not in ("2:4", "none"):
+            raise DeltazipError("--any-precision needs --bits 3 or 4 and --sparsity 2:4 or none "
+                                f"(got --bits {settings.bits} --sparsity {sparsity})")

@@ -5,6 +5,7 @@ The writer fills a temp directory and renames it; the reader decodes while the p
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +17,16 @@ from deltazip.format.codec import decode_tensor, encode_tensors
 from deltazip.format.manifest import (
     FORMAT_NAME,
     PAYLOAD,
+    check_fingerprint,
     check_name,
     new_manifest,
     read_manifest,
     verify_files,
     write_manifest,
 )
-from deltazip.format.payload import PayloadError, PayloadReader
+from deltazip.format.payload import MAX_HEADER_BYTES, PayloadError, PayloadReader, open_payload
+from deltazip.format.precision import check_precision
+from deltazip.format.schema import TABLE_KEY, stored_bytes, tensor_table_sha256
 from deltazip.fsutil import atomic_dir
 from deltazip.packed import PackedLinear
 
@@ -46,63 +50,74 @@ def save_delta(path: str | Path, name: str, base_fingerprint: str, linears: dict
     from safetensors.numpy import save_file
 
     check_name(name)
+    check_fingerprint(base_fingerprint)
     blobs, entries = encode_tensors(linears, exact, lossless)
     manifest = new_manifest(name, base_fingerprint, entries, info)
     with atomic_dir(path, overwrite) as tmp:
         arrays = {k: np.frombuffer(v, dtype=np.uint8) for k, v in blobs.items()}
         payload = tmp / PAYLOAD
-        save_file(arrays, str(payload), metadata={"format": FORMAT_NAME})
+        save_file(arrays, str(payload), metadata={"format": FORMAT_NAME,
+                                                  TABLE_KEY: tensor_table_sha256(manifest["tensors"])})
         payload.chmod(0o644)
         write_manifest(tmp, manifest)
     return Path(path)
 
 
-def load_delta(path: str | Path, verify: bool = True) -> DeltaArtifact:
+def load_delta(path: str | Path, verify: bool = True, precision: int | None = None) -> DeltaArtifact:
     """Read NAME.dz/: decode every tensor and (unless verify=False) check the files' sizes and sha256.
 
-    The payload is read once, by a thread that hashes the same bytes while this one decodes the tensors
-    already read (docs/FORMAT.md, Checksums); nothing is returned unless the checksum matches.
+    `precision` (bits) installs an any-precision artifact at one of its stored precisions (None: the widest);
+    a precision the artifact does not store is an ArtifactError naming the stored ones.
+
+    Nothing in the payload is trusted before the manifest passed its schema (deltazip/format/schema.py):
+    the payload must be listed in `files`, and its size must match that entry and the streams' sizes before
+    any buffer is allocated. The payload is then read once, by a thread that hashes the same bytes while this
+    one decodes the tensors already read (docs/FORMAT.md, Checksums); nothing is returned unless the checksum
+    matches. Every fault is an ArtifactError (ChecksumError when a file does not match its checksum).
     """
     path = Path(path)
+    manifest = read_manifest(path)
+    check_precision(manifest, precision, str(path))
     payload = path / PAYLOAD
-    reader = PayloadReader(payload, hash=verify) if payload.is_file() else None  # reads during the manifest
+    meta = manifest["files"][PAYLOAD]
+    if verify:
+        others = {k: v for k, v in manifest["files"].items() if k != PAYLOAD}
+        verify_files(path, {**manifest, "files": others})
     try:
-        manifest = read_manifest(path)
-        if verify:
-            verify_files(path, {**manifest, "files": {k: v for k, v in manifest["files"].items()
-                                                      if k != PAYLOAD}})
-            _check_payload_size(payload, reader, manifest["files"].get(PAYLOAD))
-        if reader is None:
-            raise ArtifactError(f"{payload}: missing from the artifact")
+        file = open_payload(payload)
+    except OSError:
+        raise (ChecksumError if verify else ArtifactError)(f"{payload}: missing from the artifact") from None
+    try:
+        size = os.fstat(file.fileno()).st_size
+        if size != meta["bytes"]:
+            raise ChecksumError(f"{payload}: size {size} bytes, manifest says {meta['bytes']} (truncated?)")
+        data = stored_bytes(manifest)
+        if not data + 8 <= size <= data + 8 + MAX_HEADER_BYTES:
+            raise ArtifactError(f"{payload}: {size} bytes cannot hold the manifest's {data} bytes of streams")
+        reader = PayloadReader(payload, hash=verify, file=file)
+    except PayloadError as e:
+        file.close()
+        raise ArtifactError(f"{payload}: cannot read ({e})") from None
+    except BaseException:
+        file.close()
+        raise
+    try:
         try:
-            linears, exact = _decode_payload(reader, manifest["tensors"], path)
-        except (PayloadError, ArtifactError, KeyError, ValueError, TypeError) as e:
+            linears, exact = _decode_payload(reader, manifest["tensors"], path, precision)
+        except (PayloadError, ArtifactError, MemoryError) as e:
             if verify:
-                _check_payload_sha(payload, reader, manifest["files"].get(PAYLOAD))  # corruption first
+                _check_payload_sha(payload, reader, meta)  # corruption first
             if isinstance(e, ArtifactError):
                 raise
-            raise ArtifactError(f"{payload}: cannot read ({e})") from None
+            raise ArtifactError(f"{payload}: cannot read ({e or type(e).__name__})") from None
         if verify:
-            _check_payload_sha(payload, reader, manifest["files"].get(PAYLOAD))
+            _check_payload_sha(payload, reader, meta)
     finally:
-        if reader is not None:
-            reader.close()
+        reader.close()
     return DeltaArtifact(path, manifest["name"], manifest, manifest["base"]["fingerprint"], linears, exact)
 
 
-def _check_payload_size(payload: Path, reader: PayloadReader | None, meta: dict | None) -> None:
-    if meta is None:
-        return
-    if reader is None:
-        raise ChecksumError(f"{payload}: missing from the artifact")
-    if reader.size != meta["bytes"]:
-        raise ChecksumError(f"{payload}: size {reader.size} bytes, manifest says {meta['bytes']} "
-                            "(truncated?)")
-
-
-def _check_payload_sha(payload: Path, reader: PayloadReader, meta: dict | None) -> None:
-    if meta is None:
-        return
+def _check_payload_sha(payload: Path, reader: PayloadReader, meta: dict) -> None:
     try:
         digest = reader.sha256()
     except PayloadError as e:
@@ -111,22 +126,32 @@ def _check_payload_sha(payload: Path, reader: PayloadReader, meta: dict | None) 
         raise ChecksumError(f"{payload}: sha256 mismatch (corrupted)")
 
 
-def _decode_payload(reader: PayloadReader, entries: dict,
-                    path: Path) -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor]]:
+def _decode_payload(reader: PayloadReader, entries: dict, path: Path, precision: int | None = None
+                    ) -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor]]:
     """Decode every manifest tensor from the payload, in file order, each as soon as its bytes are read.
 
     One thread: a pool of 2 decoder threads measured slower (busy 2-core machine, GIL hand-offs).
     """
     spans = reader.header()
+    table = reader.metadata.get(TABLE_KEY)
+    if table is not None and table != tensor_table_sha256(entries):  # absent in older artifacts
+        raise ChecksumError(f"{path}: the manifest's tensor table does not match the payload's record of "
+                            "it (the manifest was edited or damaged)")
     missing = [name for name in entries if name not in spans]
     if missing or len(spans) != len(entries):
-        extra = [name for name in spans if name not in entries]
+        extra = [name[:100] for name in spans if name not in entries]
         raise ArtifactError(f"{path / PAYLOAD}: tensors do not match the manifest (missing {missing[:3]}, "
                             f"extra {extra[:3]})")
+    for name, entry in entries.items():  # every size before any decode (and any allocation it makes)
+        begin, end = spans[name]
+        stored = sum(s[2] for s in entry["streams"])
+        if end - begin != stored:
+            raise ArtifactError(f"{path / PAYLOAD}: tensor {name} has {end - begin} bytes, its streams "
+                                f"{stored}")
     decoded = {}
     for name in sorted(entries, key=lambda n: spans[n][0]):
         begin, end = spans[name]
-        decoded[name] = decode_tensor(reader.wait(end)[begin:end], entries[name], name)
+        decoded[name] = decode_tensor(reader.wait(end)[begin:end], entries[name], name, precision)
     linears = {n: decoded[n] for n, e in entries.items() if e["kind"] == "linear"}
     exact = {n: decoded[n] for n, e in entries.items() if e["kind"] == "exact"}
     return linears, exact

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from deltazip.errors import ArtifactError
+from deltazip.format.precision import AnyPrecisionLinear, any_precision_streams, view_from_streams
 from deltazip.packed import PackedLinear, codes_per_word, pack_codes_np, unpack_codes_np
 
 ZSTD_LEVEL = 19
@@ -80,6 +81,8 @@ def linear_streams(packed: PackedLinear) -> dict[str, torch.Tensor]:
     positions jointly with the codes lets the entropy coder use their correlation (≈ 5% smaller measured),
     and the two nibbles are the group's bits of the kernel's qweight and meta words (decoded bitwise).
     """
+    if isinstance(packed, AnyPrecisionLinear):  # bitplanes, MSB first (docs/FORMAT.md, Any-precision linears)
+        return any_precision_streams(packed, pack_patterns)
     if packed.sparse24 and packed.bits == 2:
         codes, positions = packed.codes().reshape(-1, 2), packed.positions().reshape(-1, 2)
         pattern_symbols(positions)  # checks two distinct ascending positions per group
@@ -94,11 +97,11 @@ def linear_streams(packed: PackedLinear) -> dict[str, torch.Tensor]:
     return streams
 
 
-def linear_from_streams(entry: dict, streams: dict[str, bytes]) -> PackedLinear:
+def linear_from_streams(entry: dict, streams: dict[str, bytes], precision: int | None = None) -> PackedLinear:
     """Rebuild a PackedLinear from its decoded streams (shapes follow from the manifest entry).
 
     Straight from bytes to the int32 words with lookup tables (numpy, no per-code int64 tensors): this is
-    the host side of a delta's swap-in.
+    the host side of a delta's swap-in. An any-precision entry is read at `precision` (default: its widest).
     """
     n, k = entry["shape"]
     bits, group, sparse = entry["bits"], entry["group_size"], entry["sparse24"]
@@ -107,6 +110,13 @@ def linear_from_streams(entry: dict, streams: dict[str, bytes]) -> PackedLinear:
         meta = None
         if sparse and k % 32:
             raise ValueError(f"2:4 needs in_features % 32 == 0, not {k}")
+        if entry.get("precisions"):
+            wanted = precision or max(entry["precisions"])
+            if wanted not in entry["precisions"]:
+                raise ValueError(f"precision {wanted} is not stored (stored: {entry['precisions']})")
+            return view_from_streams(entry, streams, wanted, _patterns_to_meta, _as_tensor)
+        if precision is not None and precision != bits:
+            raise ValueError(f"precision {precision} is not stored (stored: [{bits}])")
         if sparse and "nibbles" in streams:
             qweight, meta = _nibbles_stream_to_words(_bytes_np(streams["nibbles"]), n, k)
         elif sparse and "groups" in streams:  # version 1 artifacts
@@ -122,6 +132,12 @@ def linear_from_streams(entry: dict, streams: dict[str, bytes]) -> PackedLinear:
                             None if meta is None else torch.from_numpy(meta), scales, zeros)
     except (KeyError, RuntimeError, ValueError) as e:
         raise ArtifactError(f"tensor {entry.get('name', '?')}: streams do not fit its shape ({e})") from None
+
+
+def _patterns_to_meta(raw: bytes, n: int, k: int) -> np.ndarray:
+    """The patterns stream of [n, k] → meta int32 [n, k/32]."""
+    symbols = _pattern_symbols_np(_bytes_np(raw), n * k // 4)
+    return _nibbles_to_words(_POSITION_NIBBLES[symbols], n, k // 32)
 
 
 # 2:4 pattern symbol → its two kept positions as one nibble (p0 | p1 << 2); symbols 6, 7 never get here
@@ -319,6 +335,8 @@ def encode_tensors(linears: dict[str, PackedLinear], exact: dict[str, torch.Tens
         entries[name] = {"kind": "linear", "codec": "packed", "shape": shape, "bits": packed.bits,
                          "group_size": packed.group_size, "sparse24": packed.sparse24,
                          "encoding": encoding, "streams": streams}
+        if isinstance(packed, AnyPrecisionLinear):
+            entries[name]["precisions"] = packed.precisions
     for name, delta in exact.items():
         blobs[name], streams = _encode_streams({"delta": delta}, encoding)
         dtype = str(delta.dtype).removeprefix("torch.")
@@ -327,11 +345,15 @@ def encode_tensors(linears: dict[str, PackedLinear], exact: dict[str, torch.Tens
     return blobs, entries
 
 
-def decode_tensor(blob: bytes | memoryview, entry: dict, name: str) -> PackedLinear | torch.Tensor:
-    """One tensor from its stored blob and manifest entry: a PackedLinear or an exact delta."""
+def decode_tensor(blob: bytes | memoryview, entry: dict, name: str,
+                  precision: int | None = None) -> PackedLinear | torch.Tensor:
+    """One tensor from its stored blob and manifest entry: a PackedLinear or an exact delta.
+
+    `precision` picks the view of an any-precision linear (None: its widest; other linears: their bits).
+    """
     streams = _decode_streams(blob, entry, name)
     if entry["kind"] == "linear":
-        return linear_from_streams({**entry, "name": name}, streams)
+        return linear_from_streams({**entry, "name": name}, streams, precision)
     if entry["kind"] == "exact":
         if entry["dtype"] not in DTYPES:
             raise ArtifactError(f"tensor {name} has unsupported dtype {entry['dtype']!r}")

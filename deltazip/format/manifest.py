@@ -7,24 +7,47 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
 from deltazip.errors import ArtifactError, ChecksumError, DeltazipError
+from deltazip.format.schema import (
+    FINGERPRINT_RE,
+    FORMAT_NAME,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    MAX_NAME,
+    NAME_RE,
+    PAYLOAD,
+    READ_VERSIONS,
+    parse_manifest,
+    validate_manifest,
+)
 from deltazip.hf import ModelWeights
 
-FORMAT_NAME = "deltazip.delta"
 FORMAT_VERSION = 2  # written; 2 adds the `nibbles` stream (docs/FORMAT.md)
-READ_VERSIONS = (1, 2)
-MANIFEST = "manifest.json"
-PAYLOAD = "delta.safetensors"
+ANY_PRECISION_VERSION = 3  # written instead when a linear is any-precision (bitplanes; older readers refuse)
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "PAYLOAD", "READ_VERSIONS", "check_fingerprint",
+           "check_name", "fingerprint_model", "new_manifest", "read_manifest", "sha256_file", "verify_files",
+           "write_manifest"]
 
 
 def check_name(name: str) -> None:
-    """Delta names become file names and request fields: letters, digits, '.', '_', '-' only."""
-    if not name or name.startswith(".") or not all(c.isalnum() or c in "._-" for c in name):
-        raise DeltazipError(f"invalid delta name {name!r}: use letters, digits, '.', '_' or '-'")
+    """Delta names become file names and request fields: ASCII letters, digits, '.', '_', '-' only, not
+    starting with '.', at most 128 characters (the rule the manifest schema checks on read)."""
+    if not isinstance(name, str) or len(name) > MAX_NAME or not NAME_RE.fullmatch(name):
+        raise DeltazipError(f"invalid delta name {name!r}: use letters, digits, '.', '_' or '-' "
+                            f"(not starting with '.', at most {MAX_NAME} characters)")
+
+
+def check_fingerprint(fingerprint: str) -> None:
+    """A base fingerprint as fingerprint_model returns it: 'sha256:' and 64 lowercase hex digits."""
+    if not isinstance(fingerprint, str) or not FINGERPRINT_RE.fullmatch(fingerprint):
+        raise DeltazipError(f"invalid base fingerprint {str(fingerprint)[:80]!r}: expected 'sha256:' and 64 "
+                            "hex digits (fingerprint_model)")
 
 
 def new_manifest(name: str, base_fingerprint: str, entries: dict[str, dict],
@@ -37,7 +60,8 @@ def new_manifest(name: str, base_fingerprint: str, entries: dict[str, dict],
     raw = sum(s[1] for e in entries.values() for s in e["streams"])
     stored = sum(s[2] for e in entries.values() for s in e["streams"])
     info = dict(info or {})
-    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "name": name,
+    version = ANY_PRECISION_VERSION if any("precisions" in e for e in entries.values()) else FORMAT_VERSION
+    manifest = {"format": FORMAT_NAME, "version": version, "name": name,
                 "base": {"fingerprint": base_fingerprint, **info.pop("base", {})}, **info}
     stats = manifest.setdefault("stats", {})
     stats.update({"num_parameters": num_params, "fp16_bytes": 2 * num_params, "raw_stream_bytes": raw,
@@ -64,26 +88,26 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 
 
 def read_manifest(path: str | Path) -> dict:
-    """Parse and check manifest.json of an artifact directory (format, version, required fields)."""
+    """Parse manifest.json of an artifact directory and validate it against the schema (deltazip/format/
+    schema.py): every field the reader uses, each stream's size from its tensor's shape, the payload listed
+    in `files`. Any fault is one ArtifactError line naming the file and the field."""
     path = Path(path)
     file = path / MANIFEST
-    if not file.is_file():
-        raise ArtifactError(f"{path}: not a delta artifact (no {MANIFEST})")
     try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{file}: invalid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{file}: format is not {FORMAT_NAME!r}")
-    if manifest.get("version") not in READ_VERSIONS:
-        version = manifest.get("version")
-        raise ArtifactError(f"{file}: unsupported version {version!r} (this reader: {READ_VERSIONS})")
-    for key, kind in (("name", str), ("base", dict), ("tensors", dict), ("files", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise ArtifactError(f"{file}: missing or invalid field {key!r}")
-    if not isinstance(manifest["base"].get("fingerprint"), str):
-        raise ArtifactError(f"{file}: missing field 'base.fingerprint'")
-    return manifest
+        text = read_regular_file(file, MAX_MANIFEST_BYTES + 1)
+    except OSError:
+        raise ArtifactError(f"{path}: not a delta artifact (no readable {MANIFEST})") from None
+    return validate_manifest(parse_manifest(text, str(file)), str(file))
+
+
+def read_regular_file(file: Path, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file (opened non-blocking: a FIFO or device never hangs the reader;
+    anything but a regular file is an OSError)."""
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(f"{file}: not a regular file")
+        return f.read(limit)
 
 
 def sha256_file(path: Path) -> str:
@@ -96,14 +120,20 @@ def sha256_file(path: Path) -> str:
 
 
 def verify_files(path: Path, manifest: dict) -> None:
-    """Check every listed file's size and sha256; raise ChecksumError naming the first bad file."""
+    """Check every listed file's size and sha256; raise ChecksumError naming the first bad file.
+
+    `manifest` must have passed read_manifest (file names are plain names, sizes integers)."""
     for fname, meta in manifest["files"].items():
         file = path / fname
-        if Path(fname).name != fname or not file.is_file():
-            raise ChecksumError(f"{file}: missing from the artifact")
-        size = file.stat().st_size
-        if size != meta["bytes"]:
-            raise ChecksumError(f"{file}: size {size} bytes, manifest says {meta['bytes']} (truncated?)")
+        try:
+            st = os.stat(file)
+        except OSError:
+            raise ChecksumError(f"{file}: missing from the artifact") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ChecksumError(f"{file}: not a regular file")
+        if st.st_size != meta["bytes"]:
+            raise ChecksumError(f"{file}: size {st.st_size} bytes, manifest says {meta['bytes']} "
+                                "(truncated?)")
         if sha256_file(file) != meta["sha256"]:
             raise ChecksumError(f"{file}: sha256 mismatch (corrupted)")
 

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 CHUNK_BYTES = 1 << 18  # small enough that decoding starts early, large enough that hashing stays fast
 
 
@@ -28,12 +30,18 @@ class PayloadReader:
     """The whole file in one buffer, filled by a read job and hashed (when `hash`) by a second job that
     follows it: in a warm page cache the bytes arrive at memcpy speed and decoding never waits on sha256."""
 
-    def __init__(self, path: Path, hash: bool = True) -> None:
+    def __init__(self, path: Path, hash: bool = True, file=None) -> None:
+        """`file`: the payload already opened (open_payload) and its size checked by the caller."""
         self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by the reader thread
+        self._file = file if file is not None else open_payload(path)
         self.size = os.fstat(self._file.fileno()).st_size
-        self.buffer = memoryview(np.empty(self.size, dtype=np.uint8)).cast("B")  # not zero-filled
+        try:
+            self.buffer = memoryview(np.empty(self.size, dtype=np.uint8)).cast("B")  # not zero-filled
+        except MemoryError:
+            self._file.close()
+            raise PayloadError(f"{self.size} bytes do not fit in memory") from None
         self._digest = hashlib.sha256() if hash else None
+        self.metadata: dict[str, str] = {}  # the header's __metadata__ (after header())
         self._available = 0
         self._done = False
         self._error: BaseException | None = None
@@ -85,24 +93,45 @@ class PayloadReader:
         return self.buffer
 
     def header(self) -> dict[str, tuple[int, int]]:
-        """The safetensors header: tensor name → absolute (begin, end) byte offsets of its uint8 data."""
+        """The safetensors header: tensor name → absolute (begin, end) byte offsets of its uint8 data.
+
+        Every entry must be a uint8 blob, and the blobs must tile the data section exactly (safetensors:
+        contiguous, no gaps or overlaps, ending at the end of the file)."""
+        if self.size < 8:
+            raise PayloadError(f"{self.size} bytes: too short for a safetensors header")
         (length,) = struct.unpack("<Q", self.wait(8)[:8])
-        if length > min(100_000_000, self.size - 8):
+        if length > min(MAX_HEADER_BYTES, self.size - 8):
             raise PayloadError(f"safetensors header of {length} bytes does not fit the file")
         try:
-            header = json.loads(bytes(self.wait(8 + length)[8:8 + length]))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PayloadError(f"invalid safetensors header ({e})") from None
+            header = json.loads(bytes(self.wait(8 + length)[8:8 + length]).decode("utf-8"),
+                                object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, duplicate keys
+            raise PayloadError(f"invalid safetensors header ({str(e)[:200]})") from None
         if not isinstance(header, dict):
             raise PayloadError("invalid safetensors header")
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict)
+                                         and all(isinstance(v, str) for v in metadata.values())):
+            raise PayloadError("invalid safetensors metadata (a map of strings is required)")
+        self.metadata = metadata or {}
         spans, start = {}, 8 + length
         for name, info in header.items():
-            begin, end = (start + int(o) for o in info["data_offsets"])
-            if info.get("dtype") != "U8" or list(info.get("shape", ())) != [end - begin] or not \
+            offsets = info.get("data_offsets") if isinstance(info, dict) else None
+            if not (isinstance(offsets, list) and len(offsets) == 2
+                    and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+                raise PayloadError(f"tensor {name[:100]}: invalid safetensors entry")
+            begin, end = start + offsets[0], start + offsets[1]
+            if info.get("dtype") != "U8" or info.get("shape") != [end - begin] or not \
                     start <= begin <= end <= self.size:
-                raise PayloadError(f"tensor {name}: not a uint8 blob inside the file")
+                raise PayloadError(f"tensor {name[:100]}: not a uint8 blob inside the file")
             spans[name] = (begin, end)
+        position = start
+        for begin, end in sorted(spans.values()):
+            if begin != position:
+                raise PayloadError(f"tensor data has a gap or an overlap at byte {begin}")
+            position = end
+        if position != self.size:
+            raise PayloadError(f"tensor data ends at byte {position} but the file has {self.size}")
         return spans
 
     def sha256(self) -> str:
@@ -120,6 +149,24 @@ class PayloadReader:
         self._stop = True
         for job in self._jobs:
             job.result()
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate tensor names")
+    return out
+
+
+def open_payload(path: Path):
+    """The payload opened for reading, without blocking (a FIFO never hangs the reader); OSError unless it
+    is a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    file = open(fd, "rb")  # noqa: SIM115 - the reader thread closes it
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        file.close()
+        raise IsADirectoryError(f"{path}: not a regular file")
+    return file
 
 
 @functools.cache

@@ -1,7 +1,9 @@
 """SGMV delta GEMM in OpenAI Triton: out[m] += x[m] · dequant(Δ_{slot(m)})ᵀ for a mixed-delta batch.
 
 Rows of the batch are sorted by slot into segments (rows with slot -1 are dropped, never computed or
-touched). One program owns (segment, block of N columns, split along M) and loops over its rows in
+touched). M bounds the rows: a `sorted_rows` entry outside [0, M) is skipped, never read or written (the
+TensorRT plugin's lm_head sees fewer rows than tokens; a wrong segment list must not reach past x/out).
+One program owns (segment, block of N columns, split along M) and loops over its rows in
 BLOCK_M steps through the indirection `sorted_rows`:
 
     for each BLOCK_M rows r of the segment:

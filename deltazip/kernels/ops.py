@@ -122,14 +122,17 @@ def segments(row_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return order[first:].to(torch.int32), seg_start, seg_slot.to(torch.int32)
 
 
-_seg_cache: list = [None, -1, None]  # (row_slot tensor, its version, segments)
+_seg_cache: list = [None, None]  # (copy of the last row_slot, its segments)
 
 
 def _cached_segments(row_slot: torch.Tensor):
-    if _seg_cache[0] is row_slot and _seg_cache[1] == row_slot._version:
-        return _seg_cache[2]
+    """segments(row_slot), reused while the same layout comes back (every delta layer of one step)."""
+    last = _seg_cache[0]
+    if (last is not None and last.shape == row_slot.shape and last.device == row_slot.device
+            and torch.equal(last, row_slot)):
+        return _seg_cache[1]
     segs = segments(row_slot)
-    _seg_cache[:] = [row_slot, row_slot._version, segs]
+    _seg_cache[:] = [row_slot.clone(), segs]
     return segs
 
 

@@ -8,8 +8,10 @@ from deltazip.packed import PackedLinear
 
 
 def random_packed(out_features: int, in_features: int, bits: int, group_size: int, sparse24: bool = True,
-                  generator: torch.Generator | None = None, exact: bool = False) -> PackedLinear:
-    """A random PackedLinear; exact=True uses integer zeros and power-of-two scales."""
+                  generator: torch.Generator | None = None, exact: bool = False,
+                  symmetric: bool = False) -> PackedLinear:
+    """A random PackedLinear; exact=True uses integer zeros and power-of-two scales; symmetric=True the
+    writer's grid (every zero 2^(bits-1), as real artifacts have)."""
     n, k = out_features, in_features
     gen = generator or torch.Generator().manual_seed(0)
     n_codes = k // 2 if sparse24 else k
@@ -25,4 +27,6 @@ def random_packed(out_features: int, in_features: int, bits: int, group_size: in
     else:
         scales = torch.rand(n, num_groups, generator=gen) * 0.02 + 0.001
         zeros = torch.rand(n, num_groups, generator=gen) * (2**bits - 1)
+    if symmetric:
+        zeros = torch.full((n, num_groups), 2.0 ** (bits - 1))
     return PackedLinear.from_codes(codes, scales, zeros, bits, group_size, positions=positions, in_features=k)

@@ -36,7 +36,8 @@ from deltazip.packed import codes_per_word
 PLUGIN_ID = "deltazip::delta_gemm"
 INPUT_NAMES = ("x", "base_out", "qweight", "meta", "scales", "zeros", "sorted_rows", "seg_start", "seg_slot")
 OUTPUT_NAMES = ("y", "abi_pad")  # y aliases base_out; abi_pad fills Triton's second scratch slot (never used)
-EXTRA_ARG_NAMES = ("M", "N", "K", "stride_xm", "stride_om", "stride_qs", "stride_qn", "stride_ms", "stride_mn",
+EXTRA_ARG_NAMES = ("M", "N", "K", "stride_xm", "stride_om", "stride_qs", "stride_qn", "stride_ms",
+                   "stride_mn",
                    "stride_ss", "stride_sn")
 # kernel parameter → plugin input it is bound to (the only renamed one: out is the aliased base_out)
 KERNEL_PARAM_OF_INPUT = {"base_out": "out_ptr"}
@@ -192,14 +193,17 @@ def check_aot_kernel(kernel) -> None:
         raise PluginError(f"kernel {kernel.name}: {err}") from None
     launch = launch_args()
     if len(entry) != len(launch):
-        raise PluginError(f"kernel {kernel.name}: the PTX entry takes {len(entry)} parameters, TensorRT's AOT "
+        raise PluginError(f"kernel {kernel.name}: the PTX entry takes {len(entry)} parameters, "
+                          "TensorRT's AOT "
                           f"launch passes {len(launch)} ({len(INPUT_NAMES)} inputs + {len(EXTRA_ARG_NAMES)} "
                           f"extra args + {len(OUTPUT_NAMES)} outputs)")
-    wrong = [(i, name, want, got) for i, ((name, want), (got, _)) in enumerate(zip(launch, entry, strict=True))
+    pairs = enumerate(zip(launch, entry, strict=True))
+    wrong = [(i, name, want, got) for i, ((name, want), (got, _)) in pairs
              if want != got]
     if wrong:
         raise PluginError(f"kernel {kernel.name}: PTX parameter types differ from the launch at "
-                          + ", ".join(f"#{i} {name} (launch .{want}, PTX .{got})" for i, name, want, got in wrong))
+                          + ", ".join(f"#{i} {name} (launch .{want}, PTX .{got})"
+                                      for i, name, want, got in wrong))
     params = [name for name, _ in kernel.signature]
     want = [KERNEL_PARAM_OF_INPUT.get(name, f"{name}_ptr") for name in INPUT_NAMES] + list(EXTRA_ARG_NAMES)
     if params != want:

@@ -28,7 +28,7 @@ from deltazip.plugins.delta_gemm_plugin import PLUGIN_ID, DeltaGemmShape, extra_
 
 @dataclass(frozen=True)
 class DeltaGemmDefinitions:
-    """The two functions handed to ``trtp.register`` / ``trtp.aot_impl`` (after decoration when registered)."""
+    """The functions handed to ``trtp.register`` / ``trtp.aot_impl`` (decorated when registered)."""
 
     desc: Callable
     aot_impl: Callable
@@ -49,7 +49,8 @@ def define_delta_gemm(trtp, trt, kernel_for: Callable, register: bool = True) ->
                         sparse24: int, num_slots: int, m_splits: int) -> tuple[TensorDesc, TensorDesc]:
         """y: base_out's shape and dtype, aliased to it (the kernel adds the deltas in place); abi_pad: [1]
         int32, never written (it fills the kernel's second scratch slot, see delta_gemm_plugin)."""
-        # TensorDesc.aliased(), trtp.from_shape_expr: TensorRT v10.14 tensorrt/plugin/_tensor.py, _top_level.py
+        # TensorDesc.aliased(), trtp.from_shape_expr: TensorRT v10.14 tensorrt/plugin/_tensor.py,
+        # _top_level.py
         return base_out.aliased(), trtp.from_shape_expr((1,), dtype=trt.int32)
 
     def delta_gemm_aot(x: TensorDesc, base_out: TensorDesc, qweight: TensorDesc, meta: TensorDesc,

@@ -27,7 +27,8 @@ except (ImportError, OSError) as err:  # a missing libnvinfer / libcuda surfaces
 if tuple(int(p) for p in trt.__version__.split(".")[:2]) < MIN_TENSORRT:
     raise DeltazipError(f"{NOT_AVAILABLE}: found TensorRT {trt.__version__}")
 if not hasattr(trtp, "KernelLaunchParams"):  # exported only where IS_AOT_ENABLED (tensorrt/plugin/_export.py)
-    raise DeltazipError(f"{NOT_AVAILABLE}: this TensorRT has no AOT plugin support (tensorrt.plugin.KernelLaunchParams)")
+    raise DeltazipError(f"{NOT_AVAILABLE}: this TensorRT has no AOT plugin support "
+                        "(tensorrt.plugin.KernelLaunchParams)")
 
 
 def device_target() -> str:

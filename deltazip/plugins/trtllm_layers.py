@@ -21,7 +21,8 @@ APIs used, read from TensorRT-LLM sources (1.2.0rc2-era snapshot of NVIDIA/Tenso
 all-reduce in collect_and_bias), tensorrt_llm/functional.py (Tensor(name, dtype, shape, dim_range),
 allgather(tensor, group, gather_dim), allreduce(tensor, group), embedding(input, weight), cast, sqrt,
 Tensor.mean / Tensor.view),
-tensorrt_llm/_common.py (default_net, default_trtnet), tensorrt_llm/builder.py (Builder._add_optimization_profile
+tensorrt_llm/_common.py (default_net, default_trtnet), tensorrt_llm/builder.py
+(Builder._add_optimization_profile
 reads profiles[i] of every input with a dim_range: our inputs copy the profile count of the network's inputs).
 """
 

@@ -6,7 +6,8 @@ MPI process per rank; not built).
 
 How it feeds the delta inputs. TensorRT-LLM's Python runtime (`tensorrt_llm.runtime.ModelRunner` /
 `GenerationSession`, tensorrt_llm/runtime/model_runner.py and generation.py, 1.2.0rc2-era sources) feeds
-exactly the inputs it knows and refuses an engine with others unless ``debug_mode`` (GenerationSession.__init__
+exactly the inputs it knows and refuses an engine with others unless ``debug_mode``
+(GenerationSession.__init__
 compares the engine's tensor names with its expected list). So the runner is created with ``debug_mode=True``
 (ModelRunner.from_dir(engine_dir, rank=, debug_mode=)), its session is switched to `DeltaGenerationSession`
 with debug mode off again, and the two methods that build each step's tensor map
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 from deltazip.config import RuntimeConfig
-from deltazip.errors import RequestError
+from deltazip.errors import DeltazipError, RequestError
 from deltazip.plugins.delta_gemm_plugin import DeltaGemmShape, engine_segments
 from deltazip.runtime.sampling import GenerationRequest, GenerationResult
 
@@ -84,35 +85,39 @@ class _Handle:
 class DeltaSlotStore:
     """Device tensors of every delta input of the engine, and which delta each slot holds (LRU)."""
 
-    def __init__(self, layout: dict, layouts_dir: Path, num_slots: int, vocab: int, dtype: torch.dtype) -> None:
+    def __init__(self, layout: dict, layouts_dir: Path, num_slots: int, table_shape,
+                 dtype: torch.dtype) -> None:
+        """`table_shape(input name)`: the engine's shape of a table input (the embedding table's vocab
+        rows are the engine's, not the layouts' per-rank share)."""
         from deltazip.kernels import DeltaSlots
 
         self.layouts_dir, self.num_slots, self.dtype = Path(layouts_dir), num_slots, dtype
         self.linears = {}
         self.tables: dict[str, torch.Tensor] = {}
+        names = [m for m in layout["packed"] if m == "transformer.vocab_embedding"]
+        names += [p.removesuffix(".weight") for p in layout["dense"]]
+        for name in names:
+            dims = tuple(table_shape(f"{name}.delta.table"))
+            self.tables[name] = torch.zeros(dims, dtype=dtype, device="cuda")
         for module, info in layout["packed"].items():
-            if module == "transformer.vocab_embedding":
-                self.tables[module] = torch.zeros(num_slots + 1, vocab, info["in_features"], dtype=dtype,
-                                                  device="cuda")
+            if module in self.tables:
                 continue
-            shape = DeltaGemmShape(info["out_features"], info["in_features"], info["bits"], info["group_size"],
-                                   info["sparse24"], num_slots)
+            shape = DeltaGemmShape(info["out_features"], info["in_features"], info["bits"],
+                                   info["group_size"], info["sparse24"], num_slots)
             self.linears[module] = DeltaSlots(num_slots, shape.out_features, shape.in_features, shape.bits,
                                               shape.group_size, shape.sparse24, device="cuda")
-        for param, info in layout["dense"].items():
-            self.tables[param.removesuffix(".weight")] = torch.zeros(num_slots + 1, info["shape"][0], dtype=dtype,
-                                                                     device="cuda")
         self.resident: OrderedDict[str, int] = OrderedDict()  # delta name → slot, least recently used first
 
     def engine_inputs(self) -> dict[str, torch.Tensor]:
         from deltazip.plugins.delta_gemm_plugin import plugin_weights
 
-        out = {f"{m}.delta.{k}": t for m, slots in self.linears.items() for k, t in plugin_weights(slots).items()}
+        out = {f"{m}.delta.{k}": t for m, slots in self.linears.items()
+               for k, t in plugin_weights(slots).items()}
         out.update({f"{name}.delta.table": t for name, t in self.tables.items()})
         return out
 
     def acquire(self, names: list[str]) -> dict[str, int]:
-        """Slots for these (at most num_slots) deltas, loading the missing ones over the least recently used."""
+        """Slots for these (at most num_slots) deltas; missing ones replace the least recently used."""
         from deltazip.converters.readers import read_delta_layout
 
         for name in names:
@@ -152,7 +157,7 @@ class TrtllmDeltaEngine:
         self.root, self.base_dir, self.runtime = Path(trtllm_dir), Path(base_dir), runtime
         self.info = json.loads((self.root / "trtllm_build.json").read_text())
         if self.info["tp"] != 1:
-            raise RequestError("the trtllm serving model runs tp 1 engines only (tp > 1 needs MPI ranks)")
+            raise DeltazipError("the trtllm serving model runs tp 1 engines only (tp > 1 needs MPI ranks)")
         self.names = set(self.info["deltas"])
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._stats = {"requests": 0, "batches": 0, "slot_loads": 0}
@@ -168,8 +173,9 @@ class TrtllmDeltaEngine:
         session.__class__ = _session_class()
         session.debug_mode = False
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[self.info["dtype"]]
+        engine = session.runtime.engine  # trt.ICudaEngine (model_runner.py: session.runtime.engine)
         self.slots = DeltaSlotStore(self.info["layout"], self.root / "deltas", self.info["delta_slots"],
-                                    self.runner.vocab_size_padded, dtype)
+                                    engine.get_tensor_shape, dtype)
         session.delta_inputs = self.slots.engine_inputs()
         self._thread = threading.Thread(target=self._loop, name="deltazip-trtllm", daemon=True)
         self._thread.start()

@@ -59,6 +59,9 @@ class DeltaPool:
                          "host_evictions": 0, "disk_loads": 0, "disk_load_s": 0.0, "slot_loads": 0,
                          "slot_load_s": 0.0, "load_errors": 0}
         self.per_variant: dict[str, dict] = {}  # name → swap_ins, swap_in_s, disk_loads, disk_load_s
+        from deltazip.fsutil import clean_stale
+
+        clean_stale(self.store_dir)  # leftovers of writers killed while saving into the store
 
     # -- names ---------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -66,7 +69,14 @@ class DeltaPool:
         if not self.store_dir.is_dir():
             return []
         return sorted(p.name[: -len(ARTIFACT_SUFFIX)] for p in self.store_dir.glob(f"*{ARTIFACT_SUFFIX}")
-                      if not p.name.startswith(".") and (p / "manifest.json").is_file())
+                      if not p.name.startswith(".") and (p / "manifest.json").is_file()
+                      and self._inside_store(p))
+
+    def _inside_store(self, entry: Path) -> bool:
+        """The entry's real path lies inside the store (a symlink may point at `.versions/…`, never out)."""
+        root = os.path.realpath(self.store_dir)
+        real = os.path.realpath(entry)
+        return real != root and os.path.commonpath([root, real]) == root
 
     def check_name(self, name: str) -> None:
         """Raise RequestError unless `name` is a valid delta name present in the store (and not blocked)."""
@@ -79,13 +89,31 @@ class DeltaPool:
             raise RequestError(f"unknown delta '{name}' in {self.store_dir} (known: {known})")
 
     def identity(self, name: str) -> tuple:
-        """The key of the version of `name` the store holds now: (name, real path, manifest inode, mtime)."""
-        real = os.path.realpath(self.store_dir / f"{name}{ARTIFACT_SUFFIX}")
+        """The key of the version of `name` the store holds now: (name, real path, then inode, size and mtime
+        of its manifest and of its payload).
+
+        A changed manifest or payload (rewritten, truncated, deleted) is a new key: the next request loads and
+        verifies it again, so a corrupted or removed artifact is noticed at once rather than served from the
+        host tier; requests already running keep the copy that was verified when it was loaded."""
+        entry = self.store_dir / f"{name}{ARTIFACT_SUFFIX}"
+        real = os.path.realpath(entry)
         try:
             st = os.stat(os.path.join(real, "manifest.json"))
         except OSError:
             raise RequestError(f"unknown delta '{name}' in {self.store_dir}") from None
-        return (name, real, st.st_ino, st.st_mtime_ns)
+        if not self._inside_store(entry):
+            raise RequestError(f"delta '{name}' refused: its store entry points outside the store")
+        try:
+            payload = os.stat(os.path.join(real, "delta.safetensors"))
+            payload_id = (payload.st_ino, payload.st_size, payload.st_mtime_ns)
+        except OSError:
+            payload_id = (None, None, None)  # the load reports the missing file
+        return (name, real, st.st_ino, st.st_size, st.st_mtime_ns, *payload_id)
+
+    def _drop_stale(self, key: tuple) -> None:
+        """Drop host copies of earlier states of the same directory (its files changed on disk)."""
+        for old in [k for k in self._host if k[:2] == key[:2] and k != key]:
+            self._drop_host(old)
 
     def _variant(self, name: str) -> dict:
         return self.per_variant.setdefault(name, {"swap_ins": 0, "swap_in_s": 0.0, "disk_loads": 0,
@@ -99,6 +127,7 @@ class DeltaPool:
             if name in self._blocked:
                 raise RequestError(f"unknown delta '{name}': it is being removed")
             key = self.identity(name)
+            self._drop_stale(key)
             if key in self._host:
                 self._host.move_to_end(key)
                 done: Future = Future()
@@ -145,12 +174,15 @@ class DeltaPool:
         return artifact
 
     def _load_from_disk(self, key: tuple):
-        from deltazip.format import FingerprintError, load_delta
+        from deltazip.format import ArtifactError, FingerprintError, load_delta
 
         name, real = key[0], key[1]
         start = time.perf_counter()
         try:
             artifact = load_delta(Path(real), verify=True)  # the version's own directory, never the link
+            if artifact.name != name:
+                raise ArtifactError(f"delta '{name}' refused: its manifest names it '{artifact.name}' (a "
+                                    "store entry must be named after its delta)")
             if artifact.base_fingerprint != self.base_fingerprint:
                 raise FingerprintError(f"delta '{name}' was made for another base (fingerprint "
                                     f"{str(artifact.base_fingerprint)[:12]}…, this base is "
@@ -191,6 +223,7 @@ class DeltaPool:
         with self._lock:
             if key is None:
                 key = self.identity(name)
+                self._drop_stale(key)
             if self._pin_if_resident(key):
                 return self._slot_of[key]
             if self._free_or_victim() is None:

@@ -15,13 +15,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 import triton_python_backend_utils as pb_utils
 
 from deltazip.config import RuntimeConfig
 from deltazip.runtime import Engine, GenerationRequest, RequestError, SamplingParams
 from deltazip.serving.protocol import INPUT_NAMES, BadRequest, output_arrays, parse_inputs
 from deltazip.serving.variants import CONTROL_INPUT
+from deltazip.threads import configure_threads
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_PERIOD_S = 1.0
@@ -40,9 +40,10 @@ class TritonPythonModel:
     """One engine per model instance, started in initialize and stopped in finalize."""
 
     def initialize(self, args: dict) -> None:
-        torch.set_num_threads(1)
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         self.runtime_config = RuntimeConfig(**json.loads(params["runtime_config"]))
+        # [runtime] threads, else OMP_NUM_THREADS (the launcher sets 1), else the CPUs this process may use
+        configure_threads(self.runtime_config.threads)
         self.engine = Engine.from_dirs(params["base_dir"], params["deltas_dir"], self.runtime_config)
         self.engine.start()
         # Optional: the launcher may ask for the engine's counters (swap-in times) in a JSON file.

@@ -44,7 +44,8 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             if pb_utils.get_input_tensor_by_name(request, CONTROL_INPUT) is not None:
-                sender.send(_response(json.dumps({"engine": self.engine.stats()}), "control", 0, 0), flags=FINAL)
+                stats = json.dumps({"engine": self.engine.stats()})
+                sender.send(_response(stats, "control", 0, 0), flags=FINAL)
                 continue
             try:
                 inputs = {}
@@ -54,7 +55,9 @@ class TritonPythonModel:
                         inputs[name] = tensor.as_numpy()
                 parsed = parse_inputs(inputs, max_tokens_limit=self.runtime_config.max_context)
                 gen = GenerationRequest(parsed.prompt, parsed.delta, SamplingParams(**parsed.params))
-                on_token = (lambda chunk, s=sender: s.send(_response(chunk, "", 0, 0))) if parsed.stream else None
+                on_token = None
+                if parsed.stream:
+                    on_token = lambda chunk, s=sender: s.send(_response(chunk, "", 0, 0))  # noqa: E731
                 handle = self.engine.submit(gen, on_token=on_token)
             except (BadRequest, RequestError, TypeError, ValueError) as e:
                 _error(sender, str(e))
