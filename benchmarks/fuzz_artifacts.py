@@ -353,12 +353,29 @@ def resign(art: Path) -> None:
     """Recompute the payload's sha256 and size in the manifest (when it parses): the mutation then reaches
     past the checksums into the decoder."""
     try:
-        manifest = json.loads((art / MANIFEST).read_text())
+        manifest = json.loads(_small_regular(art / MANIFEST))
         payload = art / PAYLOAD
         manifest["files"][PAYLOAD] = {"sha256": hashlib.sha256(_small_regular(payload)).hexdigest(),
                                       "bytes": payload.stat().st_size}
         (art / MANIFEST).write_text(json.dumps(manifest))
     except Exception:  # noqa: BLE001 - an unparseable manifest stays as the mutation left it
+        pass
+
+
+def resign_table(art: Path) -> None:
+    """Rewrite the payload's record of the tensor table (metadata tensors_sha256) to match the manifest."""
+    from deltazip.format.schema import TABLE_KEY, tensor_table_sha256
+
+    try:
+        manifest = json.loads(_small_regular(art / MANIFEST))
+        data = _small_regular(art / PAYLOAD)
+        length, header = _header(data)
+        header["__metadata__"] = {**header.get("__metadata__", {}),
+                                  TABLE_KEY: tensor_table_sha256(manifest["tensors"])}
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        (art / PAYLOAD).write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+    except Exception:  # noqa: BLE001 - nothing to re-record: the mutation stays as it is
         pass
 
 
@@ -394,12 +411,12 @@ def mutate_files(art: Path, rng: random.Random, outside: Path) -> str:
     elif choice == 9:  # a listed extra file with the right checksum: still identical
         data = rng.randbytes(rng.randrange(100))
         (art / "extra.bin").write_bytes(data)
-        m = json.loads(manifest.read_text())
+        m = json.loads(_small_regular(manifest))
         m["files"]["extra.bin"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         manifest.write_text(json.dumps(m))
     else:
         (art / "extra.bin").write_bytes(b"x")
-        m = json.loads(manifest.read_text())
+        m = json.loads(_small_regular(manifest))
         m["files"]["extra.bin"] = {"sha256": "0" * 64, "bytes": 1}
         manifest.write_text(json.dumps(m))
     return f"files-{choice}"
@@ -413,11 +430,15 @@ def make_case(seed: Path, dest: Path, rng: random.Random, outside: Path) -> tupl
         kind = rng.choice(["manifest", "manifest", "payload", "payload", "files"])
         try:
             if kind == "manifest":
-                manifest = json.loads((dest / MANIFEST).read_text())
+                manifest = json.loads(_small_regular(dest / MANIFEST))
                 new, text, label = mutate_manifest(manifest, rng)
                 if new is not None:
                     text = json.dumps(new).encode()
                 (dest / MANIFEST).write_bytes(text)
+                if rng.random() < 0.3:  # record the edited table in the payload too: reach the decoder
+                    resign_table(dest)
+                    resign(dest)
+                    resigned, label = True, label + "+resign-table"
             elif kind == "payload":
                 data = _small_regular(dest / PAYLOAD)
                 new, sparse, label = mutate_payload(data, rng)
@@ -514,6 +535,8 @@ def run(seed: int, cases: int, timeout_s: float = 10.0, extra: list[Path] = (), 
                     shutil.rmtree(dest.parent)
                 dest.parent.mkdir()
                 resigned, label = make_case(seed_path, dest, rng, root / "outside")
+                if os.environ.get("DELTAZIP_FUZZ_TRACE"):
+                    print(f"case {i} [{seed_path.name}: {label}]", flush=True)
                 t0 = time.perf_counter()
                 outcome, detail = run_case(dest, expected[seed_path], resigned, timeout_s,
                                            inspect=inspect_every > 0 and i % inspect_every == 0)

@@ -1,4 +1,5 @@
-"""Delta GEMM benchmark: every implementation side by side in one run (ratios to the base; the machine is noisy).
+"""Delta GEMM benchmark: every implementation side by side in one run (ratios to the base: the machine is
+noisy).
 
     .venv/bin/python benchmarks/kernel.py [--repeats 20] [--threads 2] [--steps 3 --rounds 5] [--skip-aot]
 
@@ -140,8 +141,9 @@ def synthetic_model(root: Path, num_slots: int, kernel: str):
     base = root / "base"
     if not base.exists():
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=128, max_position_embeddings=256, hidden_size=512, intermediate_size=1536,
-                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)  # small preset
+        cfg = LlamaConfig(vocab_size=128, max_position_embeddings=256, hidden_size=512,  # small preset
+                          intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                          num_key_value_heads=2)
         LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(base)
     model = load_llama(base, "float32")
     enable_deltas(model, num_slots, kernel)

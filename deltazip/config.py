@@ -54,6 +54,7 @@ class CompressConfig:
     target_ratio: float = 0.0  # > 0: allocate bits/sparsity per tensor so fp16 bytes / artifact bytes ≥ this
     budget_bytes: int = 0  # > 0: an explicit whole-artifact byte budget instead (wins over target_ratio)
     any_precision: bool = False  # store nested bitplanes: loadable at every precision 2..bits
+    device: str = "auto"  # auto | cpu | cuda | cuda:N — where calibration, Hessians, OBS and tuning run
 
     def __post_init__(self) -> None:
         if self.target_ratio < 0 or self.budget_bytes < 0:
@@ -79,8 +80,16 @@ class RuntimeConfig:
     kv_budget_tokens: int = 16384  # KV-cache tokens across all running sequences
     max_context: int = 256
     threads: int = 0  # torch/OpenMP threads of compress, eval, generate and the served model; 0: auto
+    # any-precision variants (deltazip/runtime/precision.py): max | fixed | pressure | popularity
+    precision_policy: str = "max"
+    precision_bits: int = 0  # fixed: install at this precision where the variant stores it
+    precision_pressure: float = 0.75  # pressure: host tier fill fraction from which the narrowest is used
+    precision_hot: int = 4  # popularity: the most requested variants that get the widest precision
 
     def __post_init__(self) -> None:
+        if self.precision_policy not in ("max", "fixed", "pressure", "popularity"):
+            raise ValueError(f"precision_policy must be max, fixed, pressure or popularity, not "
+                             f"{self.precision_policy!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (auto: the CPUs this process may use) or positive, not "
                              f"{self.threads}")

@@ -23,7 +23,7 @@ from pathlib import Path
 from deltazip.errors import DeltazipError
 
 STALE_RE = re.compile(r"\..+\.(tmp|old)-[0-9a-f]{8}")
-STALE_AFTER_S = 10.0  # covers the moment between a writer's mkdir and its flock
+STALE_AFTER_S = 2.0  # covers the moment between a writer's mkdir and its flock
 
 
 def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:

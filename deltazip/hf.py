@@ -50,8 +50,10 @@ class ModelConfig:
     rope_scaling: dict = field(default_factory=dict)  # rope_type + its parameters; empty = default RoPE
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # every attention projection has a bias (Llama's attention_bias)
+    qkv_bias: bool = False  # q/k/v have biases, o_proj none (Qwen2); implied by attention_bias
     mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral-style sliding-window attention span (None: full attention)
     hidden_act: str = "silu"
     dtype: str | None = None  # the checkpoint's dtype name ("float16", ...), None when not recorded
     source: str = CONFIG  # where it was read from, for error messages
@@ -92,6 +94,17 @@ def rope_fields(cfg: dict, source: str = CONFIG) -> tuple[float, dict]:
     return float(theta), ({} if rope_type == "default" else {**rope, "rope_type": rope_type})
 
 
+def _sliding_window(cfg: dict) -> int | None:
+    """The sliding-window span when the config turns it on (Mistral: `sliding_window`; Qwen2 also needs
+    `use_sliding_window`), else None."""
+    window = cfg.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    if cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window", False):
+        return None
+    return window
+
+
 def parse_config(cfg: dict, source: str = CONFIG) -> ModelConfig:
     """A config.json dict → ModelConfig; missing or mistyped fields are errors naming the key and `source`."""
     if not isinstance(cfg, dict):
@@ -115,6 +128,8 @@ def parse_config(cfg: dict, source: str = CONFIG) -> ModelConfig:
         max_position_embeddings=_field(cfg, "max_position_embeddings", source, int, 2048),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", False)),
+        qkv_bias=bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2",
+        sliding_window=_sliding_window(cfg),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         hidden_act=_field(cfg, "hidden_act", source, str, "silu"),
         dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
@@ -182,6 +197,9 @@ class ModelWeights:
         self.entries: dict[str, tuple[str, str, list[int], int, int]] = {}
         for file in files:
             for name, info in read_safetensors_header(self.dir / file).items():
+                if name in self.entries:
+                    raise DeltazipError(f"{self.dir}: tensor {name} is in two shards, "
+                                        f"{self.entries[name][0]} and {file}")
                 self.entries[name] = (file, info["dtype"], info["shape"], *info["data_offsets"])
         for name, file in (weight_map or {}).items():
             if name not in self.entries or self.entries[name][0] != file:

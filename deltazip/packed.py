@@ -37,7 +37,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.from_numpy(words).reshape(*lead, words.shape[-1])
 
 
-def unpack_codes(words: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+def unpack_codes(words: torch.Tensor, bits: int, count: int,
+                 dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Inverse of pack_codes: int32 words [..., W] → codes [..., count] (int64 unless `dtype` says).
 
     The one code-unpacking routine: on CPU it runs unpack_codes_np (a byte lookup table), elsewhere the same

@@ -141,6 +141,18 @@ def test_trtllm_dry_run_lists_exactly_the_files(tiny_family, store, tmp_path):
                if f.startswith(("trtllm/checkpoint/", "trtllm/deltas/"))]
     assert written_files(work) == planned
 
+    # every module the tiny deltas change gets a delta layer in the engine: linears, lm_head, embedding, norms
+    from deltazip.builder.trtllm import delta_layer_kind, slot_layout
+
+    layout = slot_layout(work / "deltas", names[:1])
+    kinds = {delta_layer_kind(m) for m in layout["packed"]} | {
+        delta_layer_kind(p.removesuffix(".weight")) for p in layout["dense"]}
+    assert {"column", "row", "lm_head", "embedding", "norm"} <= kinds, kinds
+    assert delta_layer_kind("transformer.layers.3.mlp.gate") == "column"
+    assert delta_layer_kind("transformer.layers.3.attention.dense") == "row"
+    with pytest.raises(DeltazipError, match="no delta layer"):
+        delta_layer_kind("transformer.layers.3.attention.rotary")
+
     torch_files = planned_files("torch", names, 1)
     assert "triton_repo/deltazip_llm/config.pbtxt" in torch_files
     assert not any("variants" in f for f in torch_files)

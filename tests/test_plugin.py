@@ -241,6 +241,50 @@ def test_qdp_definitions_carry_real_annotation_classes():
     assert launch_t is trtp.KernelLaunchParams and issubclass(args_t, trtp.SymExprs)
 
 
+def launch_with_segments(x, base_out, slots, shape, seg):
+    """The plugin's launch with given segment inputs (as the engine feeds them), in the interpreter."""
+    from deltazip.kernels.configs import INTERPRETER
+    from deltazip.kernels.delta_gemm import delta_gemm_kernel
+
+    inputs = {"x": x, "base_out": base_out, **plugin_weights(slots), **seg}
+    grid = launch_grid(len(seg["seg_slot"]), shape.out_features, INTERPRETER.block_n, 1)
+    delta_gemm_kernel[grid](
+        *(inputs[name] for name in INPUT_NAMES), *extra_args(shape, x.shape[0]),
+        BITS=shape.bits, GROUP=shape.group_size, SPARSE24=shape.sparse24, DOT_MODE=0,
+        BLOCK_M=INTERPRETER.block_m, BLOCK_N=INTERPRETER.block_n, BLOCK_K=INTERPRETER.block_k)
+    return base_out
+
+
+def test_engine_segments_drive_token_layers_and_lm_head():
+    """One packed batch (3 requests: 3-token context, a generation step, 2-token context): the token
+    segments on all 6 token rows and the lm_head segments on the 3 last-token rows each equal the torch path
+    with the matching per-row slots; the lm_head launch never touches a row past its 3."""
+    shape = DeltaGemmShape(out_features=64, in_features=128, bits=2, group_size=32, sparse24=True,
+                           num_slots=2)
+    slots = filled_slots(shape, seed=4)
+    request_slots = torch.tensor([1, -1, 0], dtype=torch.int32)
+    tokens = torch.tensor([3, 1, 2])
+    seg = engine_segments(request_slots, tokens, num_slots=2)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 128, generator=gen)
+    base = torch.randn(6, 64, generator=gen)
+    token_seg = {k.removeprefix("delta_"): v for k, v in seg.items()
+                 if not k.startswith(("delta_lm_", "delta_token"))}
+    got = launch_with_segments(x, base.clone(), slots, shape, token_seg)
+    want = add_delta_matmul(base.clone(), x, slots, torch.tensor([1, 1, 1, -1, 0, 0], dtype=torch.int32),
+                            impl="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    last = torch.tensor([2, 3, 5])  # the last token of each request, as gather_last_token_logits picks them
+    guard = torch.full((6, 64), 7.0)  # rows 3..5 must stay: lm_head's x has 3 rows
+    out = torch.cat([base[last].clone(), guard[3:]])
+    lm_seg = {k.removeprefix("delta_lm_"): v for k, v in seg.items() if k.startswith("delta_lm_")}
+    got = launch_with_segments(x[last].contiguous(), out[:3], slots, shape, lm_seg)
+    want = add_delta_matmul(base[last].clone(), x[last].contiguous(), slots, request_slots, impl="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[3:], guard[3:])
+
+
 def test_lm_head_gets_last_token_segments():
     """Token linears see every packed token; lm_head sees one row per request (TensorRT-LLM gathers the
     last tokens first), so its segments index requests and never exceed the request count."""

@@ -37,6 +37,22 @@ FUSED_MLP_COST = ("use_fused_mlp off: one more GEMM launch and one more read of 
                   "(same weight bytes), no fused SwiGLU epilogue; not measured")
 
 
+def delta_layer_kind(name: str) -> str:
+    """Which delta layer wraps TensorRT-LLM module `name` (a packed module or a norm of the slot layout):
+    "column" / "row" (DeltaGemm), "lm_head" (DeltaGemm over request rows), "embedding", "norm"."""
+    if name == LM_HEAD:
+        return "lm_head"
+    if name == EMBEDDING:
+        return "embedding"
+    if name.endswith(COLUMN_MODULES):
+        return "column"
+    if name.endswith(ROW_MODULES):
+        return "row"
+    if f"{name}.weight".endswith(NORM_PARAMS):
+        return "norm"
+    raise DeltazipError(f"no delta layer for TensorRT-LLM module {name}")
+
+
 def require_trtllm():
     """Import tensorrt_llm 1.2.x or raise a one-line DeltazipError saying why it is not available here."""
     if importlib.util.find_spec("tensorrt_llm") is None:
@@ -96,6 +112,7 @@ def slot_layout(deltas_root: Path, names: Sequence[str]) -> dict:
     for name in names:
         manifest = read_delta_layout(Path(deltas_root) / name).manifests[0]
         for module, info in manifest["packed"].items():
+            delta_layer_kind(module)  # every module must have a delta layer (raises before any GPU work)
             entry = packed.setdefault(module, dict(info))
             if info["sparse24"] != entry["sparse24"]:
                 raise DeltazipError(f"{module}: deltas mix 2:4 and dense storage; one slot layout cannot "

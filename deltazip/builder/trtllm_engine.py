@@ -24,7 +24,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from deltazip.builder.trtllm import COLUMN_MODULES, EMBEDDING, LM_HEAD, ROW_MODULES
+from deltazip.builder.trtllm import delta_layer_kind
 from deltazip.errors import DeltazipError
 
 
@@ -67,23 +67,20 @@ def swap_delta_layers(model, layout: dict, inputs) -> list[str]:
             raise DeltazipError(f"the TensorRT-LLM model has no module {name} (a delta changes it)")
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        if name == EMBEDDING:
+        kind = delta_layer_kind(name)
+        if kind == "embedding":
             info = layout["packed"][name]
             # the full vocabulary (rank layouts split it)
             vocab = getattr(module, "num_embeddings", None) or info["out_features"]
             layer = TrtDeltaEmbedding(module, name, vocab, info["in_features"], inputs)
-        elif name in layout["packed"]:
+        elif kind == "norm":
+            hidden = layout["dense"][f"{name}.weight"]["shape"][0]
+            layer = TrtDeltaNorm(module, name, hidden, getattr(module, "eps", 1e-6), inputs)
+        else:
             info = layout["packed"][name]
-            kind = ("lm_head" if name == LM_HEAD else "row" if name.endswith(ROW_MODULES) else
-                    "column" if name.endswith(COLUMN_MODULES) else None)
-            if kind is None:
-                raise DeltazipError(f"no delta layer for module {name}")
             shape = DeltaGemmShape(info["out_features"], info["in_features"], info["bits"],
                                    info["group_size"], info["sparse24"], inputs.num_slots)
             layer = TrtDeltaLinear(module, name, shape, kind, inputs)
-        else:
-            hidden = layout["dense"][f"{name}.weight"]["shape"][0]
-            layer = TrtDeltaNorm(module, name, hidden, getattr(module, "eps", 1e-6), inputs)
         setattr(parent, attr, layer)
         swapped.append(name)
     return swapped

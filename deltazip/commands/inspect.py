@@ -31,6 +31,8 @@ def inspect(artifact: str, verify: bool) -> None:
         codec = entry["codec"]
         if entry["kind"] == "linear":
             codec = f"{entry['bits']}-bit" + (" 2:4" if entry["sparse24"] else "")
+            if entry.get("precisions"):
+                codec = f"any-precision {'/'.join(map(str, entry['precisions']))}-bit" + codec[len("4-bit"):]
             per_row = entry["group_size"] == entry["shape"][1]
             codec += " per-row" if per_row else f" g{entry['group_size']}"
         else:
@@ -50,3 +52,14 @@ def inspect(artifact: str, verify: bool) -> None:
                 [[stats.get("num_parameters"), stats.get("artifact_bytes"), f"{stats.get('ratio', 0):.2f}x",
                   stats.get("bits_per_weight"), stats.get("lossless_gain"), stats.get("compress_seconds"),
                   "ok" if verify else "not checked"]])
+    from deltazip.format.precision import precision_sizes
+
+    sizes = precision_sizes(manifest)
+    if any(e.get("precisions") for e in manifest["tensors"].values()):
+        stored_total = sum(s[2] for e in manifest["tensors"].values() for s in e["streams"])
+        fixed = stats.get("artifact_bytes", stored_total) - stored_total  # manifest + payload header
+        fp16 = stats.get("fp16_bytes", 0)
+        print_table("per precision (bytes read to install it)", ["precision", "tensor bytes",
+                                                                  "artifact bytes", "ratio vs fp16"],
+                    [[f"{bits}-bit", nbytes, nbytes + fixed, f"{fp16 / max(nbytes + fixed, 1):.2f}x"]
+                     for bits, nbytes in sizes.items()])

@@ -1,12 +1,14 @@
 """Rate–distortion allocation under one byte budget (`deltazip compress --target-ratio R | --budget-bytes B`).
 
 A profiling pass solves every tensor at every candidate layout (bits × sparsity) and records, per candidate,
-the bytes it is stored in (its streams after zstd, as written) and its distortion: the Hessian-weighted
-output error ‖(Ŵ − Δ)X‖² relative to the delta's own output energy ‖ΔX‖² (relative error is comparable
-across tensors; the absolute one over-weights layers with large activations, measured in
-benchmarks/RESULTS.md, "Ratio exploration"). A Lagrangian then picks, for one multiplier λ, each tensor's
-candidate minimizing distortion + λ·bytes, and λ is bisected so the whole artifact (the picked streams plus
-the exact tensors, the manifest and the payload header) fits the budget.
+the bytes it is stored in (its streams after zstd, as written) and its local distortion: the Hessian-weighted
+output error ‖(Ŵ − Δ)X‖² relative to the delta's own output energy ‖ΔX‖². A measured sensitivity turns
+local error into model damage: for each tensor, the KL divergence of the fine-tune's next-token
+distribution when only that tensor's delta is replaced by its PROBE layout, on calibration windows; a
+candidate's predicted damage is KL_probe · err_candidate / err_probe. (Measured in benchmarks/RESULTS.md,
+"Ratio exploration": absolute error < relative error < measured sensitivity at the same bytes.) A Lagrangian
+then picks, for one multiplier λ, each tensor's candidate minimizing damage + λ·bytes, and λ is bisected so
+the whole artifact (the picked streams plus the exact tensors, the manifest and the payload header) fits.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from deltazip.errors import DeltazipError
 CANDIDATES: tuple[tuple[int, str], ...] = (
     (2, "2:4"), (3, "2:4"), (4, "2:4"), (2, "0.75"), (2, "0.85"), (2, "0.9"), (2, "0.95"), (3, "0.85"),
 )
-# bytes the manifest and payload header grow by per tensor beyond their streams' numbers (estimate margin)
-HEADER_MARGIN = 256
+PROBE = (2, "0.9")  # the layout whose end-to-end effect calibrates each tensor's sensitivity
+SENSITIVITY_SEQUENCES = 64  # calibration windows the sensitivity KL is measured on
+# bytes the manifest and payload header may grow by beyond the estimate (stream lists and digits differ)
+HEADER_MARGIN = 512
 
 
 def label(bits: int, sparsity: str) -> str:
@@ -36,9 +40,13 @@ class Profile:
     """Per tensor (HF parameter name), per candidate: (stored bytes, relative output error)."""
 
     rows: dict[str, dict[tuple[int, str], tuple[int, float]]] = field(default_factory=dict)
+    gains: dict[str, float] = field(default_factory=dict)  # measured KL per unit of relative error
 
     def add(self, name: str, candidate: tuple[int, str], nbytes: int, error: float) -> None:
         self.rows.setdefault(name, {})[candidate] = (nbytes, error)
+
+    def damage(self, name: str, candidate: tuple[int, str]) -> float:
+        return self.gains.get(name, 1.0) * self.rows[name][candidate][1]
 
     def bounds(self) -> tuple[int, int]:
         """(smallest, largest) total stored bytes of the linears over all choices."""
@@ -64,21 +72,20 @@ def relative_error(delta: torch.Tensor, approx: torch.Tensor, hessian: torch.Ten
     return float(((diff @ h) * diff).sum() / ((delta.float() @ h) * delta.float()).sum().clamp_min(1e-30))
 
 
-def overhead_bytes(linear_names: list[str], exact: dict[str, torch.Tensor], info: dict) -> int:
-    """Bytes of the artifact outside the linears' streams: exact tensors, manifest and payload header."""
+def overhead_bytes(linears: dict, exact: dict[str, torch.Tensor], info: dict) -> int:
+    """Bytes of the artifact outside the linears' streams (exact tensors, manifest, payload header), from the
+    profiling pass's own tensors: its manifest is the final one up to a few digits per tensor."""
     from deltazip.format.codec import encode_tensors
+    from deltazip.format.manifest import new_manifest
 
-    _, entries = encode_tensors({}, exact, "zstd")
-    exact_bytes = sum(s[2] for e in entries.values() for s in e["streams"])
-    linear_entry = {"kind": "linear", "codec": "packed", "shape": [100000, 100000], "bits": 2,
-                    "group_size": 100000, "sparse24": True, "encoding": "zstd",
-                    "streams": [["codes", 10**9, 10**9], ["patterns", 10**9, 10**9], ["scales", 10**6, 10**6],
-                                ["zeros", 10**6, 10**6]]}
-    entries.update({name: linear_entry for name in linear_names})
-    manifest = {**info, "tensors": entries, "files": {"delta.safetensors": {"sha256": "0" * 64,
-                                                                            "bytes": 10**9}}}
-    manifest_bytes = len(json.dumps(manifest, separators=(",", ":")))
-    header = sum(len(n) + 64 for n in entries) + 64
+    _, entries = encode_tensors(linears, exact, "zstd")
+    exact_bytes = sum(s[2] for e in entries.values() if e["kind"] == "exact" for s in e["streams"])
+    manifest = new_manifest("x" * len(info.get("name", "")), "sha256:" + "0" * 64, entries, info)
+    manifest["stats"].update({k: 1 / 3 for k in ("artifact_bytes", "ratio", "bits_per_weight")})
+    manifest["files"] = {"delta.safetensors": {"sha256": "0" * 64, "bytes": 10**9}}
+    manifest_bytes = len(json.dumps(manifest, separators=(",", ":"), ensure_ascii=False).encode())
+    # safetensors header: {"name":{"dtype":"U8","shape":[n],"data_offsets":[a,b]}, ...}
+    header = 64 + sum(len(n) + 64 for n in entries)
     return exact_bytes + manifest_bytes + header + HEADER_MARGIN
 
 
@@ -87,7 +94,7 @@ def allocate(profile: Profile, budget: int) -> dict[str, tuple[int, str]]:
     def pick(lam: float) -> tuple[dict[str, tuple[int, str]], int]:
         plan, total = {}, 0
         for name, rows in profile.rows.items():
-            best = min(rows, key=lambda c: (rows[c][1] + lam * rows[c][0], rows[c][0]))
+            best = min(rows, key=lambda c: (profile.damage(name, c) + lam * rows[c][0], rows[c][0]))
             plan[name] = best
             total += rows[best][0]
         return plan, total
@@ -109,6 +116,35 @@ def allocate(profile: Profile, budget: int) -> dict[str, tuple[int, str]]:
         else:
             hi = mid
     return pick(hi)[0]
+
+
+class Sensitivity:
+    """KL(fine-tune ‖ fine-tune with one tensor perturbed) on calibration windows (whole model in memory)."""
+
+    def __init__(self, target_dir, tokens: torch.Tensor) -> None:
+        from deltazip.hf import load_model
+
+        self.model, _ = load_model(target_dir)
+        self.params = dict(self.model.named_parameters())
+        self.tokens = tokens[:SENSITIVITY_SEQUENCES].cpu()
+        self.reference = self._logp()
+
+    @torch.no_grad()
+    def _logp(self) -> torch.Tensor:
+        return torch.log_softmax(self.model(input_ids=self.tokens).logits.float(), -1)
+
+    @torch.no_grad()
+    def kl(self, param: str, perturbation: torch.Tensor) -> float:
+        p = self.params.get(param)
+        if p is None or tuple(p.shape) != tuple(perturbation.shape):
+            return float("nan")
+        keep = p.data.clone()
+        p.data += perturbation.to(p.dtype).cpu()
+        try:
+            logp = self._logp()
+        finally:
+            p.data.copy_(keep)
+        return float(torch.nn.functional.kl_div(logp, self.reference, log_target=True, reduction="batchmean"))
 
 
 def budget_for(fp16_bytes: int, target_ratio: float, budget_bytes: int) -> int:

@@ -55,8 +55,8 @@ class BlockRunner:
         return norm
 
     def position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
-        return self.rotary(hidden, positions)
+        positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        return self.rotary.to(hidden.device)(hidden, positions)
 
     @torch.no_grad()
     def run(self, layer: nn.Module, hidden: torch.Tensor, batch: int = 8) -> torch.Tensor:

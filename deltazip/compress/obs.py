@@ -24,7 +24,7 @@ from deltazip.packed import PackedLinear
 
 SUB_BLOCK = 32  # columns per rank-1-update sub-block inside a block (multiple of 4)
 SKETCH = 256  # columns of the random sketch of H used by the per-row scale refit when K > 2·SKETCH
-FIT_COLUMNS = 2048  # at most this many columns (whole groups of 4) feed the initial per-row scale fit
+FIT_COLUMNS = 1024  # at most this many columns (whole groups of 4) feed the initial per-row scale fit
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -71,8 +71,30 @@ def _lower_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
     c_inv = _lower_inverse(lower[m:, m:], leaf)
     out[:m, :m] = a_inv
     out[m:, m:] = c_inv
-    out[m:, :m] = -(c_inv @ (lower[m:, :m] @ a_inv))
+    out[m:, :m] = -_lower_mm(c_inv, _mm_lower(lower[m:, :m], a_inv, leaf), leaf)
     return out
+
+
+def _lower_mm(t: torch.Tensor, d: torch.Tensor, leaf: int) -> torch.Tensor:
+    """t @ d for lower-triangular t, skipping its zero upper half (recursively: ~half a GEMM's work)."""
+    n = t.shape[0]
+    if n <= leaf:
+        return t @ d
+    m = n // 2
+    top = _lower_mm(t[:m, :m], d[:m], leaf)
+    bottom = _lower_mm(t[m:, m:], d[m:], leaf).addmm_(t[m:, :m], d[:m])
+    return torch.cat([top, bottom])
+
+
+def _mm_lower(d: torch.Tensor, t: torch.Tensor, leaf: int) -> torch.Tensor:
+    """d @ t for lower-triangular t, skipping its zero upper half."""
+    n = t.shape[0]
+    if n <= leaf:
+        return d @ t
+    m = n // 2
+    left = _mm_lower(d[:, :m], t[:m, :m], leaf).addmm_(d[:, m:], t[m:, :m])
+    right = _mm_lower(d[:, m:], t[m:, m:], leaf)
+    return torch.cat([left, right], dim=1)
 
 
 def solve_delta(delta: torch.Tensor, hessian: torch.Tensor | None, bits: int, sparsity: str,
@@ -98,7 +120,7 @@ def solve_delta(delta: torch.Tensor, hessian: torch.Tensor | None, bits: int, sp
     order = _act_order(hessian) if per_row and n_cols % 4 == 0 else None
     h = hessian.float()
     if order is not None:
-        w, h = w[:, order], h[order][:, order]
+        w, h = w.index_select(1, order), h.index_select(0, order).index_select(1, order)
     u, root = _factors(h, damp)
     scales = _initial_row_scales(w, bits, sparse24, prune_fraction) if per_row else None
     steps, pruned, scales = _sweep(w.clone(), u, bits, sparse24, prune_fraction, group, block_size, scales)
@@ -291,13 +313,27 @@ def _pack(steps: torch.Tensor, pruned: torch.Tensor, scales: torch.Tensor, bits:
           sparse24: bool) -> PackedLinear:
     """Steps (code − zero) [N, K] + pruned mask → PackedLinear (2:4: kept codes and canonical positions)."""
     n_rows, n_cols = steps.shape
-    codes = (steps + zero_code(bits)).long().cpu()
+    codes = (steps + zero_code(bits)).to(torch.uint8 if bits <= 8 else torch.int32).cpu()
     scales = scales.cpu()
     zeros = torch.full_like(scales, float(zero_code(bits)))
     if not sparse24:
         return PackedLinear.from_codes(codes, scales, zeros, bits, group)
     positions, kept = canonical_24(codes, ~pruned.cpu(), zero_code(bits))
     return PackedLinear.from_codes(kept, scales, zeros, bits, group, positions=positions, in_features=n_cols)
+
+
+def _canonical_table() -> torch.Tensor:
+    """For each 4-bit mask of nonzero kept slots (≤ 2 set): the 2 positions to store, ascending — the
+    nonzero slots, then the lowest free slots."""
+    table = torch.zeros(16, 2, dtype=torch.long)
+    for mask in range(16):
+        nonzero = [i for i in range(4) if mask >> i & 1]
+        table[mask] = torch.tensor(sorted((nonzero + [i for i in range(4) if i not in nonzero])[:2]))
+    return table
+
+
+_CANONICAL = _canonical_table()
+_POPCOUNT = torch.tensor([bin(m).count("1") for m in range(16)])
 
 
 def canonical_24(codes: torch.Tensor, keep: torch.Tensor, zero: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,15 +345,10 @@ def canonical_24(codes: torch.Tensor, keep: torch.Tensor, zero: int) -> tuple[to
     n_rows, n_cols = codes.shape
     groups = codes.reshape(n_rows, -1, 4)
     nonzero = keep.reshape(n_rows, -1, 4) & (groups != zero)
-    if int(nonzero.sum(-1).max()) > 2:
+    weights = torch.tensor([1, 2, 4, 8], dtype=torch.uint8, device=codes.device)
+    mask = (nonzero.to(torch.uint8) * weights).sum(-1, dtype=torch.uint8).long()  # [N, K/4]
+    if int(_POPCOUNT.to(mask.device)[mask].max()) > 2:
         raise ValueError("more than 2 kept values in a group of 4")
-    # rank slots by key = position + 4·(not a nonzero kept value): nonzero kept values first, by position;
-    # the two lowest keys are the kept slots (4 slots: 16 comparisons beat a sort)
-    key = (~nonzero).to(torch.int8) * 4 + torch.arange(4, dtype=torch.int8)
-    rank = (key.unsqueeze(-1) > key.unsqueeze(-2)).sum(-1, dtype=torch.int8)  # [N, G, 4]
-    slot = torch.arange(4, dtype=torch.int8)
-    first = ((rank == 0).to(torch.int8) * slot).sum(-1, dtype=torch.int8)
-    second = ((rank == 1).to(torch.int8) * slot).sum(-1, dtype=torch.int8)
-    positions = torch.stack([torch.minimum(first, second), torch.maximum(first, second)], dim=-1).long()
+    positions = _CANONICAL.to(mask.device)[mask]  # [N, K/4, 2]
     kept = groups.gather(-1, positions)
     return positions.reshape(n_rows, -1), kept.reshape(n_rows, -1)

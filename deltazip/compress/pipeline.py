@@ -24,7 +24,9 @@ from deltazip.compress.blocks import (
     sequential_groups,
 )
 from deltazip.compress.calibration import calibration_tokens
+from deltazip.compress.device import resolve_device
 from deltazip.compress.obs import solve_delta
+from deltazip.compress.resume import Checkpoints
 from deltazip.compress.tune import ScaleSet, tune_scales
 from deltazip.config import CompressConfig
 from deltazip.errors import DeltazipError
@@ -61,6 +63,16 @@ def check_compatible(base: ModelWeights, target: ModelWeights, base_cfg: ModelCo
                                 f"{list(target.shape(name))} in the target")
 
 
+def check_dtypes(base: ModelWeights, target: ModelWeights) -> None:
+    """Base and fine-tune store every tensor in the same dtype; the error names the first that differs."""
+    for name in base.names():
+        if base.dtype(name) != target.dtype(name):
+            raise DeltazipError(f"base and target differ in dtype: tensor {name} is "
+                                f"{str(base.dtype(name)).removeprefix('torch.')} in the base but "
+                                f"{str(target.dtype(name)).removeprefix('torch.')} in the target (save both "
+                                "in one dtype)")
+
+
 def resolve_calib(base_dir: Path, calib: str | Path | None) -> Path:
     """--calib, else the family's calib.jsonl beside the base dir's family.json, else an error."""
     if calib:
@@ -93,8 +105,9 @@ class _Solver:
     """
 
     def __init__(self, settings: CompressConfig, plan: dict | None = None,
-                 profile: alloc.Profile | None = None) -> None:
+                 profile: alloc.Profile | None = None, sensitivity: alloc.Sensitivity | None = None) -> None:
         self.settings, self.plan, self.profile = settings, plan or {}, profile
+        self.sensitivity = sensitivity
 
     def __call__(self, name: str, delta: torch.Tensor, hessian: torch.Tensor | None) -> PackedLinear:
         s = self.settings
@@ -115,17 +128,30 @@ class _Solver:
             if sparsity == "2:4" and delta.shape[1] % 32:
                 continue
             packed = solve_delta(delta, hessian, bits, sparsity, s.group_size, s.damp, s.block_size)
-            self.profile.add(name, (bits, sparsity), alloc.stored_bytes(packed),
-                             alloc.relative_error(delta, packed.dequantize(), hessian))
+            error = alloc.relative_error(delta, packed.dequantize(), hessian)
+            self.profile.add(name, (bits, sparsity), alloc.stored_bytes(packed), error)
+            if self.sensitivity is not None and (bits, sparsity) == alloc.PROBE and error > 0:
+                kl = self.sensitivity.kl(name, packed.dequantize() - delta)
+                if kl == kl:  # not NaN (a tensor the model does not name)
+                    self.profile.gains[name] = max(kl, 1e-12) / error
 
 
 def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | Path,
                    settings: CompressConfig, name: str | None = None, calib: str | Path | None = None,
-                   overwrite: bool = False) -> Path:
-    """Compress target − base into the artifact directory `out_dir` (written atomically) and return it."""
+                   overwrite: bool = False, resume: bool = False) -> Path:
+    """Compress target − base into the artifact directory `out_dir` (written atomically) and return it.
+
+    Every finished decoder block is checkpointed beside `out_dir` (compress/resume.py); `resume` continues
+    an interrupted run with the same settings from its first unfinished block.
+    """
     started = time.perf_counter()
     base_dir, target_dir, out_dir = Path(base_dir), Path(target_dir), Path(out_dir)
     validate_settings(settings)
+    device = resolve_device(settings.device)
+    if resume and (settings.bits == 16 or settings.any_precision or settings.target_ratio > 0
+                   or settings.budget_bytes > 0):
+        raise DeltazipError("--resume works with one layout for every tensor: not with --bits 16, "
+                            "--any-precision, --target-ratio or --budget-bytes")
     name = name or out_dir.name.removesuffix(".dz")
     check_name(name)
     if out_dir.exists() and not overwrite:
@@ -133,6 +159,7 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
     base, target = ModelWeights(base_dir), ModelWeights(target_dir)
     target_cfg = read_config(target_dir)
     check_compatible(base, target, read_config(base_dir), target_cfg)
+    check_dtypes(base, target)
     norms = [0.0, 0.0]  # Σ‖t − b‖², Σ‖b‖² over matrices (norm vectors near 1 would mask an unrelated model)
 
     warned = []
@@ -154,7 +181,7 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
 
     linears: dict[str, PackedLinear] = {}
     exact: dict[str, torch.Tensor] = {}
-    calib_path = None
+    calib_path = checkpoints = None
     if settings.bits == 16:
         for param in progress(base.names(), desc="exact delta"):
             b, t = take_delta(param)
@@ -164,40 +191,49 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
     else:
         calib_path = resolve_calib(base_dir, calib or settings.calib)
         tokens = calibration_tokens(base_dir, calib_path, settings.n_samples, settings.seq_len)
+        checkpoints = None
+        if not (settings.any_precision or settings.target_ratio > 0 or settings.budget_bytes > 0):
+            run = {"settings": {**dataclasses.asdict(settings), "device": str(device)},
+                   "base": str(base_dir.resolve()), "target": str(target_dir.resolve()),
+                   "calib": str(calib_path.resolve()), "name": name}
+            checkpoints = Checkpoints(out_dir, run, resume)
+            checkpoints.norms = norms
         if settings.target_ratio > 0 or settings.budget_bytes > 0:
+            keys = ("compress_seconds", "relative_delta_norm", "budget_bytes", "budget_rounds")
+            estimate = _manifest_info(base_dir, target_dir, target_cfg, settings, calib_path,
+                                      dict.fromkeys(keys, 1 / 3))
+            estimate["name"] = name
             budget_stats = _compress_budgeted(base, target, tokens, settings, linears, exact, take_delta,
-                                              warn_if_unrelated, _info_estimate(target_cfg, settings))
+                                              warn_if_unrelated, estimate)
         else:
             _compress_sequential(base, target, tokens, settings, linears, exact, take_delta,
-                                 warn_if_unrelated)
+                                 warn_if_unrelated, checkpoints=checkpoints)
     warn_if_unrelated()
     rel_norm = math.sqrt(norms[0] / max(norms[1], 1e-30))
-    info = {
+    info = _manifest_info(base_dir, target_dir, target_cfg, settings, calib_path,
+                          {"compress_seconds": round(time.perf_counter() - started, 3),
+                           "relative_delta_norm": rel_norm})
+    if settings.bits != 16 and (settings.target_ratio > 0 or settings.budget_bytes > 0):
+        info["stats"].update(budget_stats)
+    fingerprint = fingerprint_model(base_dir)
+    save_delta(out_dir, name, fingerprint, linears, exact, info, settings.lossless, overwrite=overwrite)
+    if settings.bits != 16 and checkpoints is not None:
+        checkpoints.finish()
+    return out_dir
+
+
+def _manifest_info(base_dir: Path, target_dir: Path, target_cfg: ModelConfig, settings: CompressConfig,
+                   calib_path: Path | None, stats: dict) -> dict:
+    """The manifest fields other than tensors and files."""
+    return {
         "base": {"name": base_dir.name},
         "target": target_dir.name,
         "model": {"model_type": target_cfg.model_type, "hidden_size": target_cfg.hidden_size,
                   "num_hidden_layers": target_cfg.num_layers, "vocab_size": target_cfg.vocab_size,
                   "dtype": target_cfg.dtype},
         "settings": {**dataclasses.asdict(settings), "calib": calib_path.name if calib_path else None},
-        "stats": {"compress_seconds": round(time.perf_counter() - started, 3),
-                  "relative_delta_norm": rel_norm},
+        "stats": stats,
     }
-    if settings.bits != 16 and (settings.target_ratio > 0 or settings.budget_bytes > 0):
-        info["stats"].update(budget_stats)
-    fingerprint = fingerprint_model(base_dir)
-    save_delta(out_dir, name, fingerprint, linears, exact, info, settings.lossless, overwrite=overwrite)
-    return out_dir
-
-
-def _info_estimate(target_cfg: ModelConfig, settings: CompressConfig) -> dict:
-    """Manifest fields other than tensors, at their final sizes (stats as full-precision floats)."""
-    stats = {k: 1 / 3 for k in ("compress_seconds", "relative_delta_norm", "num_parameters", "fp16_bytes",
-                                "raw_stream_bytes", "stored_stream_bytes", "lossless_gain", "artifact_bytes",
-                                "ratio", "bits_per_weight", "budget_bytes", "budget_rounds")}
-    return {"base": {"name": "x" * 32}, "target": "x" * 32, "model": dataclasses.asdict(settings),
-            "settings": {**dataclasses.asdict(settings), "calib": "x" * 32}, "stats": stats,
-            "format": "deltazip.delta", "version": 2, "name": "x" * 32,
-            "base_fp": "sha256:" + "0" * 64, "quality_margin": target_cfg.model_type}
 
 
 def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.Tensor,
@@ -216,8 +252,9 @@ def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.T
 
     quick = dataclasses.replace(settings, tune_steps=0)
     _compress_sequential(base, target, tokens, quick, scratch_linears, scratch_exact, plain_delta,
-                         lambda: None, solver=_Solver(quick, profile=profile))
-    overhead = alloc.overhead_bytes(list(scratch_linears), scratch_exact, info)
+                         lambda: None, solver=_Solver(quick, profile=profile,
+                                                      sensitivity=alloc.Sensitivity(target.dir, tokens)))
+    overhead = alloc.overhead_bytes(scratch_linears, scratch_exact, info)
     alloc.check_reachable(fp16_bytes, budget, overhead, profile, settings.target_ratio, settings.budget_bytes)
     linear_budget = budget - overhead
     for rounds in range(1, 4):
@@ -228,9 +265,11 @@ def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.T
                              solver=_Solver(settings, plan=plan))
         _, entries = encode_tensors(linears, {}, settings.lossless)
         used = sum(s[2] for e in entries.values() for s in e["streams"])
+        log.info("budget round %d: linears %d bytes planned, %d used, %d allowed", rounds,
+                 sum(profile.rows[n][c][0] for n, c in plan.items()), used, budget - overhead)
         if used <= budget - overhead or rounds == 3:
             break
-        linear_budget -= used - (budget - overhead)
+        linear_budget -= used - (budget - overhead) + linear_budget // 200  # overshoot + 0.5%
         take_delta = plain_delta  # norms were accumulated in the first round
     return {"budget_bytes": budget, "budget_rounds": rounds}
 
@@ -238,34 +277,53 @@ def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.T
 @torch.no_grad()
 def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch.Tensor,
                          settings: CompressConfig, linears: dict, exact: dict, take_delta,
-                         after_first_block, solver: _Solver | None = None) -> None:
+                         after_first_block, solver: _Solver | None = None,
+                         checkpoints: Checkpoints | None = None) -> None:
     """Embedding → blocks → final norm → lm_head; each stage sees the already compressed earlier stages.
 
     Two hidden streams run side by side: `hidden` through the compressed model and `hidden_ft` through the
-    fine-tune, the teacher of scale tuning (settings.tune_steps).
+    fine-tune, the teacher of scale tuning (settings.tune_steps). Everything runs on settings.device; one
+    block's weights are in memory at a time. Blocks finished by an interrupted run (`checkpoints`) are
+    replayed (forward passes only).
     """
     solve = solver or _Solver(settings)
+    device = resolve_device(settings.device)
+    if device.type == "cuda":
+        log.warning("compressing on %s: the CUDA path is unverified (CPU is the tested path)", device)
     runner = BlockRunner(target.dir)
+    tokens = tokens.to(device)
     b, t = take_delta(EMBED)
-    embed_base = b.float()
-    linears["model.embed_tokens"] = solve(EMBED, t.float() - embed_base, None)  # no Hessian: magnitude + RTN
-    hidden = F.embedding(tokens, embed_base + linears["model.embed_tokens"].dequantize())
-    hidden_ft = F.embedding(tokens, t.float())
+    embed_base = b.float().to(device)
+    if checkpoints is not None and checkpoints.has(0):  # the (tuned) embedding delta is saved with block 0
+        linears["model.embed_tokens"] = checkpoints.load(0)[0]["model.embed_tokens"]
+    else:  # no Hessian: magnitude + RTN
+        linears["model.embed_tokens"] = solve(EMBED, t.float().to(device) - embed_base, None)
+    hidden = _embed(tokens, embed_base, linears["model.embed_tokens"])
+    hidden_ft = F.embedding(tokens, t.float().to(device))
+    del b, t
 
-    for index in progress(range(runner.num_layers), desc="compress layers", total=runner.num_layers):
+    started = time.perf_counter()
+    for index in progress(range(runner.num_layers), desc="block", total=runner.num_layers):
         prefix = f"model.layers.{index}."
-        layer = runner.layer(index, target)
+        layer = runner.layer(index, target).to(device)
         out_ft = runner.run(layer, hidden_ft)
+        if checkpoints is not None and checkpoints.has(index):
+            hidden = _replay_block(runner, layer, index, base, checkpoints, linears, exact, tokens,
+                                   embed_base, hidden)
+            hidden_ft = out_ft
+            if index == 0:
+                after_first_block()
+            continue
         base_weights = {}
         for group in sequential_groups(runner, layer, hidden):
             hessians = input_hessians(runner, layer, hidden, group)
             for lin in group:
                 param = f"{prefix}{lin}.weight"
                 b, t = take_delta(param)
-                packed = solve(param, t.float() - b.float(), hessians[lin])
+                base_weights[lin] = b.float().to(device)
+                packed = solve(param, t.float().to(device) - base_weights[lin], hessians[lin])
                 linears[f"{prefix}{lin}"] = packed
-                base_weights[lin] = b.float()
-                layer.get_submodule(lin).weight.copy_(b.float() + packed.dequantize())
+                layer.get_submodule(lin).weight.copy_(base_weights[lin] + packed.dequantize().to(device))
         if settings.tune_steps > 0:
             names = [f"{prefix}{lin}" for lin in base_weights]
             names += ["model.embed_tokens"] if index == 0 else []
@@ -284,22 +342,56 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
             if param.startswith(prefix) and param not in compressed:
                 exact[param] = exact_delta(*take_delta(param))
         hidden, hidden_ft = runner.run(layer, hidden), out_ft
+        if checkpoints is not None:
+            done = {n: p for n, p in linears.items() if n.startswith(prefix)}
+            if index == 0:
+                done["model.embed_tokens"] = linears["model.embed_tokens"]
+            checkpoints.save(index, done, {n: v for n, v in exact.items() if n.startswith(prefix)},
+                             checkpoints.norms)
         if index == 0:
             after_first_block()
+        seconds = time.perf_counter() - started
+        log.info("block %d/%d done (%.1f s); ETA %.0f s", index + 1, runner.num_layers, seconds,
+                 seconds / (index + 1) * (runner.num_layers - index - 1))
 
     for param in target.names():  # final norm and anything else outside the blocks (biases, extra norms)
         if not param.startswith("model.layers.") and param not in (EMBED, LM_HEAD):
             exact[param] = exact_delta(*take_delta(param))
     if LM_HEAD in target:
-        final_norm = runner.final_norm(target.get(FINAL_NORM))
+        final_norm = runner.final_norm(target.get(FINAL_NORM)).to(device)
         normed, normed_ft = final_norm(hidden), final_norm(hidden_ft)
         b, t = take_delta(LM_HEAD)
-        linears["lm_head"] = solve(LM_HEAD, t.float() - b.float(), hessian_of(normed))
+        b, t = b.float().to(device), t.float().to(device)
+        linears["lm_head"] = solve(LM_HEAD, t - b, hessian_of(normed))
         if settings.tune_steps > 0:
             head = linears["lm_head"]
-            tuned = {bits: _tune_head(_view(head, bits), b.float(), t.float(), normed, normed_ft,
+            tuned = {bits: _tune_head(_view(head, bits), b, t, normed, normed_ft,
                                       settings.tune_steps) for bits in _precisions(head)}
             linears["lm_head"] = _joined(head, tuned)
+
+
+def _embed(tokens: torch.Tensor, embed_base: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+    """Token embeddings through base + Δ̂ (one expression for the first run and a resumed one)."""
+    return F.embedding(tokens, embed_base + packed.dequantize().to(embed_base.device))
+
+
+def _replay_block(runner: BlockRunner, layer: torch.nn.Module, index: int, base: ModelWeights,
+                  checkpoints: Checkpoints, linears: dict, exact: dict, tokens: torch.Tensor,
+                  embed_base: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """A block finished by the interrupted run: take its results, install base + Δ̂ in `layer` (the same
+    expression as the first run) and return the block's output on the compressed stream."""
+    prefix = f"model.layers.{index}."
+    done, done_exact, norms = checkpoints.load(index)
+    linears.update(done)
+    exact.update(done_exact)
+    checkpoints.norms[:] = norms
+    device = embed_base.device
+    for lin in _linear_set(layer):
+        weight = base.get(f"{prefix}{lin}.weight").float().to(device)
+        layer.get_submodule(lin).weight.copy_(weight + linears[f"{prefix}{lin}"].dequantize().to(device))
+    if index == 0:
+        hidden = _embed(tokens, embed_base, linears["model.embed_tokens"])
+    return runner.run(layer, hidden)
 
 
 def _precisions(packed) -> list[int]:
@@ -331,14 +423,15 @@ def _tune_block(runner: BlockRunner, layer: torch.nn.Module, base_weights: dict,
         return F.mse_loss(out, out_ft[rows])
 
     with torch.enable_grad():
-        tuned = tune_scales(packed, loss_fn, hidden.shape[0], settings.tune_steps, TUNE_LR, TUNE_BATCH)
+        tuned = tune_scales(packed, loss_fn, hidden.shape[0], settings.tune_steps, TUNE_LR, TUNE_BATCH,
+                            device=hidden.device)
     for lin in base_weights:
         linears[f"{prefix}{lin}"] = tuned[lin]
-        layer.get_submodule(lin).weight.copy_(base_weights[lin] + tuned[lin].dequantize())
+        layer.get_submodule(lin).weight.copy_(base_weights[lin] + tuned[lin].dequantize().to(hidden.device))
     if not tune_embedding:
         return hidden
     linears["model.embed_tokens"] = tuned["embed"]
-    return F.embedding(tokens, embed_base + tuned["embed"].dequantize())
+    return _embed(tokens, embed_base, tuned["embed"])
 
 
 def _tune_head(packed: PackedLinear, head_base: torch.Tensor, head_ft: torch.Tensor, normed: torch.Tensor,
@@ -353,7 +446,8 @@ def _tune_head(packed: PackedLinear, head_base: torch.Tensor, head_ft: torch.Ten
                         reduction="batchmean")
 
     with torch.enable_grad():
-        return tune_scales({"head": packed}, loss_fn, normed.shape[0], steps, TUNE_LR, TUNE_BATCH)["head"]
+        return tune_scales({"head": packed}, loss_fn, normed.shape[0], steps, TUNE_LR, TUNE_BATCH,
+                           device=normed.device)["head"]
 
 
 def _linear_set(layer: torch.nn.Module) -> set[str]:

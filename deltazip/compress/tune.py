@@ -30,10 +30,10 @@ def with_scales(packed: PackedLinear, scales: torch.Tensor) -> PackedLinear:
 class ScaleSet:
     """Trainable log-multipliers of the scales of several packed deltas; `dense(name)` is differentiable."""
 
-    def __init__(self, packed: dict[str, PackedLinear]) -> None:
+    def __init__(self, packed: dict[str, PackedLinear], device: torch.device | str | None = None) -> None:
         self.packed = packed
-        self.steps = {n: unit_steps(p) for n, p in packed.items()}
-        self.base_scales = {n: p.scales.float() for n, p in packed.items()}
+        self.steps = {n: unit_steps(p).to(device) for n, p in packed.items()}
+        self.base_scales = {n: p.scales.float().to(device) for n, p in packed.items()}
         self.log_mult = {n: torch.zeros_like(s, requires_grad=True) for n, s in self.base_scales.items()}
 
     def scales(self, name: str) -> torch.Tensor:
@@ -44,16 +44,17 @@ class ScaleSet:
         return self.steps[name] * self.scales(name).repeat_interleave(group, dim=1)
 
     def result(self) -> dict[str, PackedLinear]:
-        return {n: with_scales(p, self.scales(n).detach()) for n, p in self.packed.items()}
+        return {n: with_scales(p, self.scales(n).detach().cpu()) for n, p in self.packed.items()}
 
 
 def tune_scales(packed: dict[str, PackedLinear], loss_fn: Callable[[ScaleSet, slice], torch.Tensor],
-                n_rows: int, steps: int, lr: float, batch: int) -> dict[str, PackedLinear]:
-    """Adam on the log-scales of `packed` against loss_fn(scales, rows); keeps the result only if the
-    full-batch loss drops (fp16-rounded scales)."""
+                n_rows: int, steps: int, lr: float, batch: int,
+                device: torch.device | str | None = None) -> dict[str, PackedLinear]:
+    """Adam on the log-scales of `packed` against loss_fn(scales, rows) (on `device`); keeps the result only
+    if the full-batch loss drops (fp16-rounded scales)."""
     if steps <= 0 or not packed:
         return packed
-    params = ScaleSet(packed)
+    params = ScaleSet(packed, device)
     everything = slice(0, n_rows)
     with torch.no_grad():
         before = float(loss_fn(params, everything))
@@ -66,7 +67,7 @@ def tune_scales(packed: dict[str, PackedLinear], loss_fn: Callable[[ScaleSet, sl
         loss.backward()
         opt.step()
     tuned = params.result()
-    check = ScaleSet(tuned)
+    check = ScaleSet(tuned, device)
     with torch.no_grad():
         after = float(loss_fn(check, everything))
     return tuned if after < before else packed

@@ -43,6 +43,9 @@ def check_op_inputs(out: torch.Tensor, x: torch.Tensor, slots: DeltaSlots, seg_r
     """The op's contract in Python (the native kernel checks the same in C++): ValueError/IndexError."""
     if x.dim() != 2 or out.dim() != 2:
         raise ValueError(f"x and out must be 2-D, got {list(x.shape)} and {list(out.shape)}")
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    if x.dtype not in floats or out.dtype not in floats:
+        raise ValueError(f"x and out must be float32, float16 or bfloat16, got {x.dtype} and {out.dtype}")
     m, k = x.shape
     if k != slots.in_features or tuple(out.shape) != (m, slots.out_features):
         raise ValueError(f"shapes out {list(out.shape)}, x {list(x.shape)} do not match slots "
@@ -54,7 +57,8 @@ def check_op_inputs(out: torch.Tensor, x: torch.Tensor, slots: DeltaSlots, seg_r
         raise ValueError(f"seg_start must have len(seg_slot) + 1 = {seg_slot.numel() + 1} entries, "
                          f"got {seg_start.numel()}")
     bounds = seg_start.tolist()
-    if bounds[0] != 0 or bounds[-1] != seg_rows.numel() or any(b > a for b, a in zip(bounds, bounds[1:])):
+    rising = all(a <= b for a, b in zip(bounds, bounds[1:], strict=False))
+    if bounds[0] != 0 or bounds[-1] != seg_rows.numel() or not rising:
         raise ValueError(f"segments must cover seg_rows exactly: seg_start {bounds[:8]}... must rise from 0 "
                          f"to len(seg_rows) = {seg_rows.numel()}")
     if seg_slot.numel() and not bool(((seg_slot >= -1) & (seg_slot < slots.num_slots)).all()):
@@ -70,7 +74,8 @@ def _slots_of(qweight, meta, scales, zeros, bits, group_size) -> DeltaSlots:
     return DeltaSlots.view(qweight, meta, scales, zeros, bits, group_size)
 
 
-def _torch_impl(out, x, qweight, meta, scales, zeros, seg_rows, seg_start, seg_slot, bits, group_size) -> None:
+def _torch_impl(out, x, qweight, meta, scales, zeros, seg_rows, seg_start, seg_slot, bits,
+                group_size) -> None:
     slots = _slots_of(qweight, meta, scales, zeros, bits, group_size)
     check_op_inputs(out, x, slots, seg_rows, seg_start, seg_slot)
     torch_add_delta_matmul(out, x, slots, seg_rows, seg_start, seg_slot)
@@ -122,17 +127,18 @@ def segments(row_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return order[first:].to(torch.int32), seg_start, seg_slot.to(torch.int32)
 
 
-_seg_cache: list = [None, None]  # (copy of the last row_slot, its segments)
+_seg_cache: tuple = (None, None)  # (copy of the last row_slot, its segments); replaced whole (threads)
 
 
 def _cached_segments(row_slot: torch.Tensor):
     """segments(row_slot), reused while the same layout comes back (every delta layer of one step)."""
-    last = _seg_cache[0]
+    global _seg_cache
+    last, segs = _seg_cache
     if (last is not None and last.shape == row_slot.shape and last.device == row_slot.device
             and torch.equal(last, row_slot)):
-        return _seg_cache[1]
+        return segs
     segs = segments(row_slot)
-    _seg_cache[:] = [row_slot.clone(), segs]
+    _seg_cache = (row_slot.clone(), segs)
     return segs
 
 
@@ -173,7 +179,8 @@ def add_delta_matmul(out: torch.Tensor, x: torch.Tensor, slots: DeltaSlots, row_
         _torch_impl(*args)
     elif impl == "native":
         if x.is_cuda or not NATIVE:
-            raise RuntimeError(f"the native CPU kernel is not available here ({native.error() or 'CUDA input'})")
+            why = native.error() or "CUDA input"
+            raise RuntimeError(f"the native CPU kernel is not available here ({why})")
         torch.ops.deltazip.add_delta_matmul(*args)
     else:
         torch.ops.deltazip.add_delta_matmul(*args)

@@ -22,7 +22,8 @@ class DeltaSlots:
         self.num_slots, self.out_features, self.in_features = num_slots, out_features, in_features
         self.bits, self.group_size, self.sparse24 = bits, group_size, sparse24
         self.device = torch.device(device)
-        dtypes = {"qweight": torch.int32, "meta": torch.int32, "scales": torch.float16, "zeros": torch.float16}
+        dtypes = {"qweight": torch.int32, "meta": torch.int32, "scales": torch.float16,
+                  "zeros": torch.float16}
         stacked = {name: torch.zeros(num_slots, *shape, dtype=dtypes[name], device=self.device)
                    for name, shape in self.layout.shapes().items()}
         self.qweight = stacked["qweight"]  # [S, N, W] codes, LSB first

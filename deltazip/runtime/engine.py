@@ -32,6 +32,7 @@ from deltazip.runtime.detokenizer import IncrementalDetokenizer
 from deltazip.runtime.kv_cache import KVBudget
 from deltazip.runtime.model import DTYPES, Llama, Segment, load_llama
 from deltazip.runtime.pool import DeltaPool
+from deltazip.runtime.precision import PrecisionPolicy
 from deltazip.runtime.request import RequestHandle, RequestState, TokenCallback
 from deltazip.runtime.sampling import (
     GenerationRequest,
@@ -90,7 +91,9 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
         pool = DeltaPool(deltas_dir, fingerprint_model(base_dir), config.delta_slots, config.host_cache_bytes,
                          install=lambda slot, art: set_model_delta(model, slot, art.linears, art.exact),
-                         uninstall=lambda slot: clear_model_delta(model, slot))
+                         uninstall=lambda slot: clear_model_delta(model, slot),
+                         precision_policy=PrecisionPolicy(config.precision_policy, config.precision_bits,
+                                                          config.precision_pressure, config.precision_hot))
         return cls(model, tokenizer, pool, config, _eos_token_ids(Path(base_dir), tokenizer))
 
     # -- public API -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ names (``model.layers.0.self_attn.q_proj``), so checkpoints and delta names map 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +20,25 @@ from deltazip.errors import DeltazipError
 from deltazip.hf import ModelConfig, ModelWeights, read_config
 from deltazip.runtime.kv_cache import KVCache
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
 def check_supported(args: ModelConfig) -> None:
-    """Reject config features this executor does not implement (activation, RoPE scaling)."""
+    """Reject config features this executor does not implement (architecture, activation, RoPE scaling);
+    warn about sliding-window attention (exact only while a sequence fits in the window)."""
+    if args.model_type and args.model_type not in SUPPORTED_MODEL_TYPES:
+        raise DeltazipError(f"{args.source}: unsupported model_type {args.model_type!r} "
+                            f"({', '.join(SUPPORTED_MODEL_TYPES)})")
+    if args.sliding_window is not None and args.sliding_window < args.max_position_embeddings:
+        log.warning("%s: sliding-window attention (%d tokens) is not implemented; sequences longer than the "
+                    "window attend to every earlier token", args.source, args.sliding_window)
     if args.hidden_act != "silu":
         raise DeltazipError(f"{args.source}: unsupported hidden_act {args.hidden_act!r} (only silu)")
     if args.rope_type not in SUPPORTED_ROPE_TYPES:
@@ -88,11 +100,11 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=bias)
+        qkv_bias = args.qkv_bias or args.attention_bias  # Qwen2: q/k/v biases, no o_proj bias
+        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 segments: list[Segment]) -> torch.Tensor:

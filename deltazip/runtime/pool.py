@@ -40,8 +40,10 @@ class DeltaPool:
     """
 
     def __init__(self, store_dir: str | Path, base_fingerprint: str, num_slots: int, host_cache_bytes: int,
-                 install: Callable[[int, object], None], uninstall: Callable[[int], None]) -> None:
+                 install: Callable[[int, object], None], uninstall: Callable[[int], None],
+                 precision_policy=None) -> None:
         self.store_dir = Path(store_dir)
+        self.precision_policy = precision_policy  # runtime.precision.PrecisionPolicy; None: the widest
         self.base_fingerprint = base_fingerprint
         self.num_slots, self.host_cache_bytes = num_slots, host_cache_bytes
         self.install, self.uninstall = install, uninstall
@@ -117,7 +119,21 @@ class DeltaPool:
 
     def _variant(self, name: str) -> dict:
         return self.per_variant.setdefault(name, {"swap_ins": 0, "swap_in_s": 0.0, "disk_loads": 0,
-                                                  "disk_load_s": 0.0})
+                                                  "disk_load_s": 0.0, "requests": 0, "precision_bits": 0})
+
+    def _precision(self, name: str, real: str) -> int | None:
+        """The precision the policy installs `name` at (None: the artifact's widest / only one)."""
+        policy = self.precision_policy
+        if policy is None or policy.policy == "max":
+            return None
+        from deltazip.format import read_manifest
+        from deltazip.format.precision import stored_precisions
+
+        stored = stored_precisions(read_manifest(Path(real)))
+        with self._lock:
+            fill = self._host_bytes / max(self.host_cache_bytes, 1)
+            requests = {n: v.get("requests", 0) for n, v in self.per_variant.items()}
+        return policy.choose(name, stored, fill, requests)
 
     # -- disk → host ---------------------------------------------------------------------------------------
     def prefetch(self, name: str) -> Future:
@@ -179,7 +195,8 @@ class DeltaPool:
         name, real = key[0], key[1]
         start = time.perf_counter()
         try:
-            artifact = load_delta(Path(real), verify=True)  # the version's own directory, never the link
+            artifact = load_delta(Path(real), verify=True,  # the version's own directory, never the link
+                                  precision=self._precision(name, real))
             if artifact.name != name:
                 raise ArtifactError(f"delta '{name}' refused: its manifest names it '{artifact.name}' (a "
                                     "store entry must be named after its delta)")
@@ -202,6 +219,7 @@ class DeltaPool:
             variant = self._variant(name)
             variant["disk_loads"] += 1
             variant["disk_load_s"] += seconds
+            variant["precision_bits"] = max((p.bits for p in artifact.linears.values()), default=0)
             if nbytes <= self.host_cache_bytes and key not in self._retired:
                 self._host[key] = (artifact, nbytes)
                 self._host_bytes += nbytes
@@ -221,6 +239,7 @@ class DeltaPool:
         """
         key = getattr(artifact, "pool_key", None) if artifact is not None else None
         with self._lock:
+            self._variant(name)["requests"] += 1
             if key is None:
                 key = self.identity(name)
                 self._drop_stale(key)
@@ -277,7 +296,12 @@ class DeltaPool:
         return None if victim is None else (self._slot_of[victim], victim)
 
     def _drop_slot(self, key: tuple) -> None:
-        self.uninstall(self._slot_of.pop(key))
+        import torch
+
+        # slot tensors made on the engine thread are inference tensors: an unload from another thread (a
+        # removal, a retired version) may only write them in inference mode
+        with torch.inference_mode():
+            self.uninstall(self._slot_of.pop(key))
         self._slot_bytes.pop(key, None)
         self._pins.pop(key, None)
         self._retired.discard(key)

@@ -8,6 +8,13 @@ import torch
 
 from deltazip.errors import RequestError
 
+# Temperatures a request may ask for besides 0 (greedy). Below the minimum, logits / temperature overflow
+# float32 (1e-40 turns every logit into ±inf and softmax into NaN); above the maximum sampling is uniform
+# noise. Values outside are refused at validation, never clamped silently.
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**64 - 1  # torch generators take unsigned 64-bit seeds
+
 
 @dataclass
 class SamplingParams:
@@ -20,18 +27,24 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise RequestError naming the first bad field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
             raise RequestError(f"max_tokens must be an integer >= 0, not {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise RequestError(f"temperature must be >= 0, not {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
+        if not isinstance(self.temperature, int | float) or isinstance(self.temperature, bool) or not (
+                self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise RequestError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                               f"{MAX_TEMPERATURE:g}], not {self.temperature!r}")
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], not {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise RequestError(f"top_k must be an integer >= 0, not {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise RequestError(f"seed must be an integer or None, not {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise RequestError(f"seed must be an integer in [0, 2^64) or None, not {self.seed!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError(f"stop must be a list of non-empty strings, not {self.stop!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass

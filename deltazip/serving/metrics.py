@@ -34,6 +34,7 @@ GAUGES = {
     "variant_resident": "1 when the variant holds a device slot, else 0",
     "variant_device_bytes": "Packed delta bytes of the variant in device slots",
     "variant_host_bytes": "Decoded delta bytes of the variant in the host tier",
+    "variant_precision_bits": "Bits per kept value the variant was last loaded at (any-precision policy)",
     "inflight_requests": "Requests of the variant queued or running",
     "resident_variants": "Variants holding a device slot",
     "device_bytes": "Delta bytes in device slots, all variants",
@@ -100,6 +101,8 @@ class ServingMetrics:
                 if delta > 0:
                     self.inc(target, name, delta)
                     self._seen_pool[name, source] = value
+            if counters.get("precision_bits"):
+                self.set("variant_precision_bits", name, float(counters["precision_bits"]))
         names = set(known) | set(variant_bytes) | {n for n in inflight if n}
         for name in names:
             held = variant_bytes.get(name, {})

@@ -406,6 +406,11 @@ def create_app(settings: FrontSettings):
     async def _api_error(request, e: ApiError):
         return error_response(e)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):  # a bug: still OpenAI's JSON, one line
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error",
+                                       code="internal_error"))
+
     @app.exception_handler(404)
     async def _not_found(request, e):
         return error_response(ApiError(404, f"no route {request.method} {request.url.path}",

@@ -236,9 +236,10 @@ def control_inputs(op: str, **args) -> list:
     return inputs
 
 
-def control(grpc_url: str, op: str, timeout_s: float = 60.0, **args) -> dict:
-    """Send one control request to deltazip_llm at `grpc_url` and return its JSON answer."""
+def control(grpc_url: str, op: str, wait_s: float = 60.0, **args) -> dict:
+    """Send one control request to deltazip_llm at `grpc_url` (waiting up to `wait_s` for the answer) and
+    return its JSON answer; `args` go into the request (name, timeout_s)."""
     from deltazip.serving.client import stream_request
 
-    done = stream_request(grpc_url, control_inputs(op, **args), timeout_s=timeout_s)
+    done = stream_request(grpc_url, control_inputs(op, **args), timeout_s=wait_s)
     return json.loads(done.text or "{}")

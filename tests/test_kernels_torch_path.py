@@ -1,4 +1,4 @@
-"""DeltaSlots and the torch path of add_delta_matmul against PackedLinear.dequantize (the spec)."""
+"""DeltaSlots and the torch path of add_delta_matmul (the oracle) against PackedLinear.dequantize."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from deltazip.kernels import DeltaSlots, add_delta_matmul
-from deltazip.kernels import reference as reference_module
-from deltazip.kernels.reference import dequantize_slot
+from deltazip.kernels import torch_path as torch_path_module
 from deltazip.kernels.synthetic import random_packed
+from deltazip.kernels.torch_path import dequantize_slot
 
 
 def loop_oracle(out: torch.Tensor, x: torch.Tensor, deltas: dict, row_slot: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ def test_random_data_fp16_and_auto():
     x = torch.randn(16, 128, generator=gen)
     out = torch.randn(16, 64, generator=gen)
     expect = loop_oracle(out, x, deltas, row_slot)
-    add_delta_matmul(out, x, slots, row_slot)  # auto on CPU = torch
+    add_delta_matmul(out, x, slots, row_slot)  # auto on CPU = native (torch where it cannot build)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
     out16 = torch.randn(16, 64, generator=gen).half()
     expect16 = loop_oracle(out16, x.half().float(), deltas, row_slot)
@@ -84,7 +84,7 @@ def test_chunked_dequantization_gives_same_result(monkeypatch):
     row_slot = torch.tensor([0, 1, 1, -1], dtype=torch.int32)
     x = torch.randint(-3, 4, (4, 64), generator=gen).float()
     out = torch.zeros(4, 50)
-    monkeypatch.setattr(reference_module, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk, ragged last chunk
+    monkeypatch.setattr(torch_path_module, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk, ragged last chunk
     add_delta_matmul(out, x, slots, row_slot, impl="torch")
     assert torch.equal(out, loop_oracle(torch.zeros(4, 50), x, deltas, row_slot))
 

@@ -1,0 +1,115 @@
+"""Byte-budget allocation (`--target-ratio` / `--budget-bytes`): Lagrangian picks, bad targets, end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _synthetic import make_synthetic
+from click.testing import CliRunner
+
+from deltazip.compress import compress_model
+from deltazip.compress.allocate import Profile, allocate, check_reachable, relative_error
+from deltazip.config import CompressConfig
+from deltazip.errors import DeltazipError
+from deltazip.format import load_delta, read_manifest
+
+
+def _profile() -> Profile:
+    p = Profile()
+    # tensor a is sensitive (error falls steeply with bytes), b is not
+    for name, errors in (("a", (0.5, 0.1, 0.02)), ("b", (0.02, 0.015, 0.01))):
+        layouts = ((2, "0.9"), (2, "2:4"), (4, "2:4"))
+        for (bits, sparsity), nbytes, err in zip(layouts, (100, 300, 600), errors, strict=True):
+            p.add(name, (bits, sparsity), nbytes, err)
+    return p
+
+
+def test_allocation_fits_the_budget_and_spends_it_where_it_pays():
+    p = _profile()
+    assert p.bounds() == (200, 1200)
+    for budget in (200, 400, 700, 900, 1200):
+        plan = allocate(p, budget)
+        assert sum(p.rows[n][c][0] for n, c in plan.items()) <= budget
+    plan = allocate(p, 700)
+    assert plan["a"] == (4, "2:4") and plan["b"] == (2, "0.9")  # bytes go to the sensitive tensor
+    assert allocate(p, 10_000) == {"a": (4, "2:4"), "b": (4, "2:4")}
+    with pytest.raises(ValueError):
+        allocate(p, 100)
+
+
+def test_unreachable_targets_name_the_achievable_range():
+    p = _profile()
+    fp16 = 20_000
+    with pytest.raises(DeltazipError, match=r"--target-ratio 100 cannot be met.*achievable range is "
+                                            r"11\.11x–40\.00x \(500–1500 bytes\)"):
+        check_reachable(fp16, 200, 300, p, 100.0, 0)
+    with pytest.raises(DeltazipError, match="below the 300-byte floor"):
+        check_reachable(fp16, 250, 300, p, 80.0, 0)
+    with pytest.raises(DeltazipError, match="--budget-bytes 5000 cannot be met"):
+        check_reachable(fp16, 5000, 300, p, 0.0, 5000)
+    check_reachable(fp16, 1000, 300, p, 20.0, 0)  # inside the range: no error
+
+
+def test_relative_error_is_scale_free():
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(8, 16, generator=gen)
+    x = torch.randn(50, 16, generator=gen)
+    h = x.T @ x
+    approx = delta + 0.1 * torch.randn(8, 16, generator=gen)
+    assert relative_error(delta, approx, h) == pytest.approx(relative_error(3 * delta, 3 * approx, 7 * h),
+                                                             rel=1e-4)
+    assert relative_error(delta, delta, None) == 0.0
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("synthetic-alloc"))
+
+
+FAST = CompressConfig(n_samples=8, seq_len=32, tune_steps=0)
+
+
+def test_target_ratio_end_to_end(synthetic, tmp_path):
+    import dataclasses
+
+    plain = compress_model(synthetic / "base", synthetic / "ft", tmp_path / "plain.dz", FAST,
+                           calib=synthetic / "calib.jsonl")
+    plain_ratio = read_manifest(plain)["stats"]["ratio"]
+    target = round(plain_ratio * 1.3, 2)
+    out = compress_model(synthetic / "base", synthetic / "ft", tmp_path / "r.dz",
+                         dataclasses.replace(FAST, target_ratio=target), calib=synthetic / "calib.jsonl")
+    manifest = read_manifest(out)
+    assert manifest["stats"]["ratio"] >= target
+    assert manifest["stats"]["budget_bytes"] == int(manifest["stats"]["fp16_bytes"] / target)
+    assert manifest["settings"]["target_ratio"] == target
+    layouts = {(e["bits"], e["sparse24"]) for e in manifest["tensors"].values() if e["kind"] == "linear"}
+    assert len(layouts) >= 1
+    delta = load_delta(out)  # loads, and every tensor is a layout the kernels serve (2:4 or dense codes)
+    assert all(p.bits in (2, 3, 4) for p in delta.linears.values())
+    budget = manifest["stats"]["artifact_bytes"] + 2000
+    out = compress_model(synthetic / "base", synthetic / "ft", tmp_path / "b.dz",
+                         dataclasses.replace(FAST, budget_bytes=budget), calib=synthetic / "calib.jsonl")
+    assert read_manifest(out)["stats"]["artifact_bytes"] <= budget
+
+
+def test_unreachable_target_ratio_is_one_clear_line(synthetic, tmp_path):
+    import dataclasses
+
+    for ratio in (500.0, 1.5):
+        match = r"cannot be met.*achievable range is [0-9.]+x–[0-9.]+x"
+        with pytest.raises(DeltazipError, match=match) as err:
+            compress_model(synthetic / "base", synthetic / "ft", tmp_path / "u.dz",
+                           dataclasses.replace(FAST, target_ratio=ratio), calib=synthetic / "calib.jsonl")
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "u.dz").exists()
+
+
+def test_cli_target_ratio_flag(synthetic, tmp_path):
+    from deltazip.cli import main
+
+    result = CliRunner().invoke(main, ["compress", "--base", str(synthetic / "base"), "--target",
+                                       str(synthetic / "ft"), "--out", str(tmp_path / "c.dz"), "--calib",
+                                       str(synthetic / "calib.jsonl"), "--n-samples", "4",
+                                       "--target-ratio", "500"])
+    assert result.exit_code == 2, result.output
+    assert "achievable range" in result.output
