@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean venv
+.PHONY: demo test lint bench clean venv fuzz
 
 venv: $(STAMP)
 
@@ -22,6 +22,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# 10,000 seeded mutations of real artifacts (benchmarks/fuzz_artifacts.py); counts go to benchmarks/RESULTS.md.
+# `make test` runs a 600-case slice (tests/test_fuzz_artifacts.py).
+FUZZ_SEED  ?= 0
+FUZZ_CASES ?= 10000
+fuzz: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/fuzz_artifacts.py --seed $(FUZZ_SEED) --cases $(FUZZ_CASES)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

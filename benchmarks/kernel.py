@@ -163,7 +163,7 @@ def set_kernel(model, kernel: str) -> None:
             module.kernel = kernel
 
 
-def decode_step(steps: int, rounds: int) -> list[list[object]]:
+def decode_step(steps: int, rounds: int, only: tuple[str, ...] = ()) -> list[list[object]]:
     """Median decode-step ms, 16 sequences over 0 (base) / 1 / 4 / 16 distinct deltas, per implementation,
     all measured interleaved in one run."""
     import torch
@@ -175,8 +175,8 @@ def decode_step(steps: int, rounds: int) -> list[list[object]]:
     context = 32
     gen = torch.Generator().manual_seed(0)
     caches = [model.new_cache(context + 1) for _ in range(ROWS)]
-    kernels = {"torch path": ("torch", None), "native auto": ("auto", "auto"),
-               "native direct": ("auto", "direct"), "native LUT": ("auto", "lut")}
+    kernels = {"torch path": ("torch", None), "native (auto)": ("auto", "auto"), "native LUT": ("auto", "lut")}
+    kernels = {k: v for k, v in kernels.items() if k == "torch path" or not only or k in only}
     with torch.inference_mode():
         prompt = torch.randint(0, model.args.vocab_size, (ROWS * context,), generator=gen)
         model(prompt, [Segment(c, 0, context) for c in caches])

@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,6 +53,40 @@ class GrpcStream:
         self.client.close()
 
 
+CHILD = """
+import json, sys
+from deltazip.serving.openai_api import FrontSettings, OpenAIFront
+from deltazip.serving.server import TritonServer
+with TritonServer(sys.argv[1]) as triton:
+    settings = FrontSettings.from_build(sys.argv[1], triton.grpc_url)
+    with OpenAIFront(settings) as front:
+        print(json.dumps([triton.grpc_url, front.url, settings.base_id]), flush=True)
+        sys.stdin.read()  # until the parent closes our stdin
+"""
+
+
+@contextmanager
+def serve_in_child(build: Path):
+    """(grpc_url, front_url, base_id) of tritonserver + the front started in a child Python process."""
+    import json
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(build)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()
+        if not line:
+            sys.exit("error: the server process exited before it was ready")
+        yield tuple(json.loads(line))
+    finally:
+        child.stdin.close()
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -74,38 +109,37 @@ def main() -> None:
 
     from deltazip.config import load_config
     from deltazip.serving.client import grpc_inputs
-    from deltazip.serving.openai_api import FrontSettings, OpenAIFront
-    from deltazip.serving.server import TritonServer
 
     config = load_config(None)
     build = Path(args.build_dir) if args.build_dir else config.path(config.build.out)
-    with TritonServer(build) as triton:
-        settings = FrontSettings.from_build(build, triton.grpc_url)
-        with OpenAIFront(settings) as front:
-            stream = GrpcStream(triton.grpc_url)
-            http = httpx.Client(base_url=front.url, timeout=60)
-            model = args.model or settings.base_id
-            inputs = grpc_inputs(args.prompt, args.model, False, {"max_tokens": args.max_tokens})
-            body = {"model": model, "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0}
+    # tritonserver + the front run in a child process, as under `deltazip serve`: the front must not share
+    # this client's interpreter (its GIL) or the comparison measures the benchmark, not the front
+    with serve_in_child(build) as (grpc_url, front_url, base_id):
+        stream = GrpcStream(grpc_url)
+        http = httpx.Client(base_url=front_url, timeout=60)
+        model = args.model or base_id
+        inputs = grpc_inputs(args.prompt, args.model, False, {"max_tokens": args.max_tokens})
+        body = {"model": model, "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0}
 
-            def via_front() -> str:
-                response = http.post("/v1/completions", json=body)
-                response.raise_for_status()
-                return response.json()["choices"][0]["text"]
+        def via_front() -> str:
+            response = http.post("/v1/completions", json=body)
+            response.raise_for_status()
+            return response.json()["choices"][0]["text"]
 
-            assert stream.send(inputs) == via_front(), "the front and direct gRPC disagree"
-            direct_ms, front_ms = [], []
-            for i in range(args.warmup + args.requests):
-                order = ((stream.send, inputs), (via_front, None)) if i % 2 else ((via_front, None),
-                                                                                 (stream.send, inputs))
-                for fn, arg in order:
-                    started = time.perf_counter()
-                    fn(arg) if arg is not None else fn()
-                    ms = (time.perf_counter() - started) * 1e3
-                    if i >= args.warmup:
-                        (direct_ms if fn == stream.send else front_ms).append(ms)
-            stream.close()
-            http.close()
+        def direct() -> str:
+            return stream.send(inputs)
+
+        assert direct() == via_front(), "the front and direct gRPC disagree"
+        direct_ms, front_ms = [], []
+        for i in range(args.warmup + args.requests):
+            for fn in ((direct, via_front) if i % 2 else (via_front, direct)):
+                started = time.perf_counter()
+                fn()
+                ms = (time.perf_counter() - started) * 1e3
+                if i >= args.warmup:
+                    (direct_ms if fn is direct else front_ms).append(ms)
+        stream.close()
+        http.close()
     diffs = [f - d for f, d in zip(front_ms, direct_ms, strict=True)]
     rows = [["direct gRPC (persistent stream)", statistics.median(direct_ms), pct(direct_ms, 0.9), "-"],
             ["OpenAI front (keep-alive HTTP)", statistics.median(front_ms), pct(front_ms, 0.9),

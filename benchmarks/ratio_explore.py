@@ -46,7 +46,8 @@ class Hook:
     def __init__(self) -> None:
         self.mode = "default"
         self.plan: dict[str, str] = {}
-        self.profile: dict[str, dict[str, tuple[int, float, float]]] = {}  # param -> label -> (bytes, err, base)
+        # param -> label -> (bytes, err, delta energy)
+        self.profile: dict[str, dict[str, tuple[int, float, float]]] = {}
         self.lowrank: dict[str, int] = {}  # param -> rank (hybrid stage; no tuning)
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.probe: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # param -> (delta, probe dequantized)
@@ -102,8 +103,8 @@ class _Hybrid:
         return getattr(self.packed, item)
 
 
-def lowrank(delta: torch.Tensor, hessian: torch.Tensor | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16-rounded factors of the best rank-r approximation of delta in the Hessian norm (plain SVD if None)."""
+def lowrank(delta: torch.Tensor, hessian: torch.Tensor | None, rank: int) -> tuple[torch.Tensor, ...]:
+    """fp16-rounded factors of the best rank-r approximation of delta in the Hessian norm (SVD if None)."""
     if hessian is None:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         a, b = u[:, :rank] * s[:rank], vh[:rank]
@@ -230,7 +231,7 @@ def finetune_acc(family, task, n):
 
 
 def byte_breakdown(manifest: dict) -> dict[str, int]:
-    """Stored bytes by where they go: codes/patterns of block linears, embed, head, scales, exact, manifest."""
+    """Stored bytes by where they go: block linears' codes, embed, head, scales, exact, manifest."""
     out: dict[str, int] = {}
     for name, e in manifest["tensors"].items():
         for stream, _, stored in e["streams"]:
@@ -261,7 +262,7 @@ def entropy_study(path: Path) -> list[list]:
     art = load_delta(path)
     totals = {"zstd-19 (stored)": 0, "order-0 entropy (+table)": 0, "ANS order-0 (constriction)": 0,
               "order-1 ctx: previous symbol (+tables)": 0, "ctx: tensor row-class (+tables)": 0}
-    for name, packed in art.linears.items():
+    for packed in art.linears.values():
         for stream, t in linear_streams(packed).items():
             raw = t.contiguous().view(torch.uint8).numpy().tobytes()
             totals["zstd-19 (stored)"] += len(_encode(raw, "zstd"))
@@ -319,6 +320,77 @@ def _ans_bytes(sym) -> int:
     return coder.num_bits() // 8
 
 
+# ------------------------------------------------------------------ final: the integrated compressor
+
+def final_budget(family, tasks: list[str], ratio: float, work: Path, max_examples: int | None) -> list[list]:
+    """`compress --target-ratio R` (deltazip.compress, measured sensitivity) per task, with BitDelta and SVD
+    at the same bytes (deltazip.eval.report.evaluate_artifact: full eval set unless max_examples)."""
+    from deltazip.compress import compress_model
+    from deltazip.config import CompressConfig
+    from deltazip.eval.report import evaluate_artifact
+
+    rows = []
+    for task in tasks:
+        out = work / f"{task}-r{ratio:g}.dz"
+        start = time.perf_counter()
+        compress_model(family.base_dir, family.finetune_dirs[task], out,
+                       dataclasses.replace(CompressConfig(), target_ratio=ratio), name=task,
+                       calib=family.calib_path, overwrite=True)
+        seconds = time.perf_counter() - start
+        report = evaluate_artifact(family.base_dir, out, family.root, task=task,
+                                   baselines=("bitdelta", "svd"), max_examples=max_examples)
+        full = report["rows"][1]["accuracy"]
+        for row in report["rows"][1:]:
+            method = f"deltazip --target-ratio {ratio:g}" if row is report["rows"][2] else row["method"]
+            rows.append([task, method, row["size_bytes"], f"{row['ratio_vs_fp16']:.2f}x",
+                         f"{100 * row['accuracy']:.1f}",
+                         f"{100 * row['accuracy'] / full:.1f}%" if full else "-",
+                         f"{seconds:.1f}" if row is report["rows"][2] else ""])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+    return rows
+
+
+def final_any_precision(family, tasks: list[str], work: Path, n: int | None) -> list[list]:
+    """One `--bits 4 --any-precision` artifact read at b = 2, 3, 4 beside dedicated b-bit 2:4 artifacts."""
+    from deltazip.compress import compress_model
+    from deltazip.config import CompressConfig
+    from deltazip.format import decompress, load_delta, read_manifest
+    from deltazip.format.precision import precision_sizes
+
+    rows = []
+    for task in tasks:
+        ft = finetune_acc(family, task, n)
+        out = work / f"{task}-ap4.dz"
+        start = time.perf_counter()
+        compress_model(family.base_dir, family.finetune_dirs[task], out,
+                       dataclasses.replace(CompressConfig(), bits=4, any_precision=True), name=task,
+                       calib=family.calib_path, overwrite=True)
+        ap_seconds = time.perf_counter() - start
+        manifest = read_manifest(out)
+        stored = sum(s[2] for e in manifest["tensors"].values() for s in e["streams"])
+        fixed = manifest["stats"]["artifact_bytes"] - stored
+        sizes = precision_sizes(manifest)
+        fp16 = manifest["stats"]["fp16_bytes"]
+        for bits in (2, 3, 4):
+            ded = work / f"{task}-{bits}b.dz"
+            start = time.perf_counter()
+            compress_model(family.base_dir, family.finetune_dirs[task], ded,
+                           dataclasses.replace(CompressConfig(), bits=bits), name=task,
+                           calib=family.calib_path, overwrite=True)
+            ded_seconds = time.perf_counter() - start
+            ded_manifest = read_manifest(ded)
+            ap_acc = accuracy(family, task, decompress(load_delta(out, precision=bits)), n)
+            ded_acc = accuracy(family, task, artifact_delta(ded), n)
+            ap_bytes = sizes[bits] + fixed
+            rows.append([task, bits, ap_bytes, f"{fp16 / ap_bytes:.2f}x", f"{100 * ap_acc:.1f}",
+                         ded_manifest["stats"]["artifact_bytes"], f"{ded_manifest['stats']['ratio']:.2f}x",
+                         f"{100 * ded_acc:.1f}", f"{100 * (ap_acc - ded_acc):+.1f}", f"{100 * ft:.1f}",
+                         manifest["stats"]["artifact_bytes"] if bits == 4 else "",
+                         f"{ap_seconds:.1f} / {ded_seconds:.1f}"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------ main
 
 def main() -> None:
@@ -330,6 +402,7 @@ def main() -> None:
     parser.add_argument("--weights", default="absolute,relative,measured")
     parser.add_argument("--uniform", default="2b u75,2b u85,2b u90")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--full-eval", action="store_true", help="final stages: every held-out example")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ratio_explore")
     args = parser.parse_args()
 
@@ -343,6 +416,32 @@ def main() -> None:
     tasks = [t for t in args.tasks.split(",") if t]
     stages = set(args.stage.split(","))
     n = args.max_examples
+    if stages & {"final-budget", "final-anyprec"}:
+        args.work.mkdir(parents=True, exist_ok=True)
+        full_n = None if args.full_eval else n
+        if "final-budget" in stages:
+            table = markdown_table(["task", "method", "bytes", "ratio vs fp16", "acc %", "retention",
+                                    "compress s"], final_budget(family, tasks, 16.0, args.work, full_n))
+            print(table)
+            if args.write:
+                write_section("Ratio: --target-ratio 16 vs BitDelta and SVD (tiny)", command_line(),
+                              table, notes="Whole-artifact bytes. BitDelta's size is fixed by its 1-bit "
+                                           "layout; SVD's rank is fitted to the deltazip artifact's bytes.")
+        if "final-anyprec" in stages:
+            table = markdown_table(
+                ["task", "b", "any-precision bytes at b", "ratio", "any-precision acc %",
+                 "dedicated b-bit bytes", "dedicated ratio", "dedicated acc %", "Δ acc (points)",
+                 "fine-tune acc %",
+                 "any-precision artifact bytes", "compress s (any / dedicated)"],
+                final_any_precision(family, tasks, args.work, full_n))
+            print(table)
+            if args.write:
+                write_section("Any-precision: one 4-bit artifact at b = 2, 3, 4 vs dedicated b-bit (tiny)",
+                              command_line(), table,
+                              notes="'bytes at b' = what installing at b reads: patterns, the top b "
+                                    "planes, the b-bit scales/zeros, exact tensors, manifest and header. The "
+                                    "whole any-precision artifact holds all planes (last column).")
+        return
     hook = Hook()
     hook.install()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -374,7 +473,8 @@ def main() -> None:
                accuracy(family, task, artifact_delta(out), n), seconds)
         if "bytes" in stages:
             for key, value in byte_breakdown(manifest).items():
-                breakdown_rows.append([task, key, value, f"{100 * value / manifest['stats']['artifact_bytes']:.1f}%"])
+                share = 100 * value / manifest["stats"]["artifact_bytes"]
+                breakdown_rows.append([task, key, value, f"{share:.1f}%"])
         fp16 = manifest["stats"]["fp16_bytes"]
         linear_bytes = sum(st for name, e in manifest["tensors"].items() if e["kind"] == "linear"
                            for _, _, st in e["streams"])
@@ -397,8 +497,9 @@ def main() -> None:
                     mix = {}
                     for label in hook.plan.values():
                         mix[label] = mix.get(label, 0) + 1
-                    record(f"RD alloc {weight} err, target {ratio:g}x ({', '.join(f'{k}:{v}' for k, v in sorted(mix.items()))})",
-                           task, manifest, accuracy(family, task, artifact_delta(out), n), seconds)
+                    mix_text = ", ".join(f"{k}:{v}" for k, v in sorted(mix.items()))
+                    record(f"RD alloc {weight} err, target {ratio:g}x ({mix_text})", task, manifest,
+                           accuracy(family, task, artifact_delta(out), n), seconds)
                     if "entropy" in stages and ratio == 16 and weight == args.weights.split(",")[0]:
                         ent = entropy_study(out)
                         print(markdown_table(["coder", "linear stream bytes"], ent))

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._results import command_line, markdown_table, write_section  # noqa: E402
 
+DEFAULT_SOLVER = "deltazip.compress.obs:solve_delta"
 CALIB_TOKENS = 256 * 128
 HELD_OUT_TOKENS = 4096
 OUTLIERS = 8
@@ -65,12 +66,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--inputs", choices=("mixed", "iid"), default="mixed",
                         help="calibration inputs correlated through a mixing matrix, or independent")
-    parser.add_argument("--solver", default="deltazip.compress.obs:solve_delta",
-                        help="module:function with solve_delta's signature (to time another solver)")
+    parser.add_argument("--solver", default=DEFAULT_SOLVER,
+                        help="module:function or file.py:function with solve_delta's signature, to time "
+                             "another solver (e.g. the one before: git show "
+                             "1827b54:deltazip/compress/obs.py > /tmp/obs_old.py)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
 
     import importlib
+    import importlib.util
 
     from deltazip.threads import early_env
 
@@ -78,7 +82,13 @@ def main() -> None:
     import torch
 
     module, _, function = args.solver.partition(":")
-    solve_delta = getattr(importlib.import_module(module), function)
+    if module.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(module).stem, module)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+    else:
+        loaded = importlib.import_module(module)
+    solve_delta = getattr(loaded, function)
     torch.set_num_threads(args.threads)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     settings = [(int(s.split(":", 1)[0]), s.split(":", 1)[1]) for s in args.settings.split(",")]
@@ -117,6 +127,8 @@ def main() -> None:
     if not args.no_write:
         title = "Solver: OBS speed and output error (synthetic layer"
         title += ")" if args.inputs == "mixed" else ", independent inputs)"
+        if args.solver != DEFAULT_SOLVER:
+            title += f" — {Path(module).name}"
         write_section(title, command_line(), table, notes)
 
 

@@ -23,3 +23,9 @@ class FingerprintError(DeltazipError):
 
 class RequestError(DeltazipError):
     """A request that can never run as given (unknown delta, bad parameters, prompt too long)."""
+
+
+def shorten(value: object, limit: int = 64) -> str:
+    """repr() of a value from a request, cut to `limit` characters: errors never echo megabytes back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"

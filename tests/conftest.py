@@ -105,3 +105,24 @@ def live_server(tiny_family, live_store, tmp_path_factory):
         with OpenAIFront(FrontSettings.from_build(out, triton.grpc_url)) as front:
             yield SimpleNamespace(triton=triton, front=front, store=live_store, family=tiny_family,
                                   build_dir=out)
+
+
+# -- private servers for the fault tests (they kill processes and change artifacts) ------------------------
+@pytest.fixture(scope="session")
+def private_build(tiny_family, tiny_deltas, tmp_path_factory):
+    """Factory: `private_build(runtime, name)` → (build_dir, store): a build over a private copy of the
+    shared store, so a test may change or remove its artifacts. Start servers on it with TritonServer (a
+    context manager: always torn down) or `deltazip serve`."""
+    import shutil
+
+    from deltazip.builder.build import build
+
+    def make(runtime, name: str = "private") -> tuple[Path, Path]:
+        root = tmp_path_factory.mktemp(name)
+        store = root / "deltas"
+        shutil.copytree(next(iter(tiny_deltas.values())).parent, store)
+        out = root / "build"
+        build(tiny_family.base_dir, store, out, runtime)
+        return out, store
+
+    return make

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _synthetic import make_synthetic
 from click.testing import CliRunner
+from factories import compress_inputs
 
 from deltazip.compress import compress_model
 from deltazip.compress.allocate import Profile, allocate, check_reachable, relative_error
@@ -40,9 +40,9 @@ def test_allocation_fits_the_budget_and_spends_it_where_it_pays():
 def test_unreachable_targets_name_the_achievable_range():
     p = _profile()
     fp16 = 20_000
-    with pytest.raises(DeltazipError, match=r"--target-ratio 100 cannot be met.*achievable range is "
-                                            r"11\.11x–40\.00x \(500–1500 bytes\)"):
-        check_reachable(fp16, 200, 300, p, 100.0, 0)
+    with pytest.raises(DeltazipError, match=r"--target-ratio 50 cannot be met: this model's achievable range "
+                                            r"is 13\.33x–40\.00x \(500–1500 bytes\)"):
+        check_reachable(fp16, 400, 300, p, 50.0, 0)
     with pytest.raises(DeltazipError, match="below the 300-byte floor"):
         check_reachable(fp16, 250, 300, p, 80.0, 0)
     with pytest.raises(DeltazipError, match="--budget-bytes 5000 cannot be met"):
@@ -63,7 +63,7 @@ def test_relative_error_is_scale_free():
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("synthetic-alloc"))
+    return compress_inputs(tmp_path_factory.mktemp("synthetic-alloc"))
 
 
 FAST = CompressConfig(n_samples=8, seq_len=32, tune_steps=0)
@@ -105,9 +105,9 @@ def test_unreachable_target_ratio_is_one_clear_line(synthetic, tmp_path):
 
 
 def test_cli_target_ratio_flag(synthetic, tmp_path):
-    from deltazip.cli import main
+    from deltazip.cli import cli
 
-    result = CliRunner().invoke(main, ["compress", "--base", str(synthetic / "base"), "--target",
+    result = CliRunner().invoke(cli, ["compress", "--base", str(synthetic / "base"), "--target",
                                        str(synthetic / "ft"), "--out", str(tmp_path / "c.dz"), "--calib",
                                        str(synthetic / "calib.jsonl"), "--n-samples", "4",
                                        "--target-ratio", "500"])

@@ -6,15 +6,21 @@ import json
 
 import pytest
 import torch
-from _synthetic import make_synthetic
+from factories import compress_inputs
 
 from deltazip.compress import compress_model
-from deltazip.compress.anyprec import midrise_zero, solve_any_precision
+from deltazip.compress.anyprec import solve_any_precision
 from deltazip.compress.obs import solve_delta
 from deltazip.config import CompressConfig
 from deltazip.errors import ArtifactError, DeltazipError
 from deltazip.format import load_delta, read_manifest, save_delta
-from deltazip.format.precision import AnyPrecisionLinear, precision_sizes, stored_precisions
+from deltazip.format.precision import (
+    AnyPrecisionLinear,
+    midrise_zero,
+    precision_sizes,
+    snapped,
+    stored_precisions,
+)
 from deltazip.runtime.precision import PrecisionPolicy
 
 FP = "sha256:" + "0" * 64
@@ -46,6 +52,10 @@ def test_codes_are_nested_and_each_view_is_a_valid_delta(sparse24):
             assert int((dense.reshape(dense.shape[0], -1, 4) != 0).sum(-1).max()) <= 2
         errors.append(_rel(delta, hessian, dense))
     assert errors[0] > errors[1] > errors[2]  # each plane refines
+    stored = snapped(ap)  # narrower scales as the artifact stores them: within one 1.1% ratio step
+    for bits in (2, 3):
+        torch.testing.assert_close(stored.views[bits].scales.float(), ap.views[bits].scales.float(),
+                                   rtol=6e-3, atol=0)
 
 
 def test_views_are_close_to_dedicated_solves():
@@ -59,8 +69,8 @@ def test_views_are_close_to_dedicated_solves():
 
 def _artifact(tmp_path, sparse24=True):
     delta, hessian = _problem()
-    ap = solve_any_precision(delta, hessian, [2, 3, 4], sparse24, -1, 0.01, 128)
-    dense = solve_any_precision(delta[:32], hessian, [2, 3, 4], False, -1, 0.01, 128)
+    ap = snapped(solve_any_precision(delta, hessian, [2, 3, 4], sparse24, -1, 0.01, 128))
+    dense = snapped(solve_any_precision(delta[:32], hessian, [2, 3, 4], False, -1, 0.01, 128))
     path = save_delta(tmp_path / "ap.dz", "ap", FP, {"x": ap, "y": dense}, {"n": torch.ones(4)})
     return path, {"x": ap, "y": dense}
 
@@ -72,7 +82,7 @@ def test_bitplane_artifact_round_trips_at_every_precision(tmp_path):
     entry = manifest["tensors"]["x"]
     assert entry["precisions"] == [2, 3, 4] and entry["bits"] == 4
     names = [s[0] for s in entry["streams"]]
-    assert names[:5] == ["patterns", "plane0", "plane1", "plane2", "plane3"]
+    assert names == ["patterns", "plane0", "plane1", "plane2", "plane3", "scales", "ratio2", "ratio3"]
     assert stored_precisions(manifest) == [2, 3, 4]
     sizes = precision_sizes(manifest)
     assert sizes[2] < sizes[3] < sizes[4]
@@ -161,7 +171,7 @@ def test_pool_installs_at_the_policy_precision(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("synthetic-ap"))
+    return compress_inputs(tmp_path_factory.mktemp("synthetic-ap"))
 
 
 def test_compress_any_precision_end_to_end(synthetic, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import random_linear
 from safetensors.torch import load_file, save_file
 
 from deltazip.format import (
@@ -35,19 +36,6 @@ from deltazip.packed import PackedLinear
 FP = "sha256:" + "ab" * 32  # a base fingerprint (any 64 hex digits)
 
 
-def random_packed(n: int, k: int, bits: int, sparse: bool, group: int, seed: int = 0) -> PackedLinear:
-    gen = torch.Generator().manual_seed(seed)
-    n_codes = k // 2 if sparse else k
-    codes = torch.randint(0, 1 << bits, (n, n_codes), generator=gen)
-    positions = None
-    if sparse:
-        symbols = torch.randint(0, 6, (n * k // 4,), generator=gen)
-        positions = torch.tensor(PATTERNS_24)[symbols].reshape(n, k // 2)
-    scales = torch.rand(n, k // group, generator=gen) + 0.01
-    zeros = torch.full((n, k // group), float(1 << (bits - 1)))
-    return PackedLinear.from_codes(codes, scales, zeros, bits, group, positions=positions, in_features=k)
-
-
 def assert_packed_equal(a: PackedLinear, b: PackedLinear) -> None:
     assert (a.out_features, a.in_features, a.bits, a.group_size, a.sparse24) == \
         (b.out_features, b.in_features, b.bits, b.group_size, b.sparse24)
@@ -58,7 +46,7 @@ def assert_packed_equal(a: PackedLinear, b: PackedLinear) -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sparse", [True, False])
 def test_streams_round_trip_exact(bits, sparse):
-    packed = random_packed(24, 96, bits, sparse, group=32, seed=bits)
+    packed = random_linear(24, 96, bits, sparse, group=32, seed=bits)
     streams = {k: v.contiguous().view(torch.uint8).numpy().tobytes()
                for k, v in linear_streams(packed).items()}
     entry = {"shape": [24, 96], "bits": bits, "group_size": 32, "sparse24": sparse}
@@ -91,8 +79,8 @@ def test_pattern_symbols_cover_all_six():
 
 @pytest.mark.parametrize("lossless", ["zstd", "none"])
 def test_save_load_round_trip(tmp_path, lossless):
-    linears = {"model.layers.0.mlp.down_proj": random_packed(32, 64, 2, True, 64),
-               "lm_head": random_packed(16, 32, 4, False, 32, seed=1)}
+    linears = {"model.layers.0.mlp.down_proj": random_linear(32, 64, 2, True, 64),
+               "lm_head": random_linear(16, 32, 4, False, 32, seed=1)}
     exact = {"model.norm.weight": torch.randn(32),
              "model.layers.0.input_layernorm.weight": torch.randn(32).double()}
     path = save_delta(tmp_path / "x.dz", "x", FP, linears, exact, {"target": "t"}, lossless)
@@ -113,7 +101,7 @@ def test_save_load_round_trip(tmp_path, lossless):
 
 
 def _small_artifact(tmp_path: Path) -> Path:
-    return save_delta(tmp_path / "a.dz", "a", FP, {"lm_head": random_packed(64, 64, 2, True, 64)},
+    return save_delta(tmp_path / "a.dz", "a", FP, {"lm_head": random_linear(64, 64, 2, True, 64)},
                       {"model.norm.weight": torch.randn(64)})
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_artifact import random_packed
+from factories import random_linear
 
 from deltazip.cli import cli
 from deltazip.errors import ArtifactError, ChecksumError, RequestError
@@ -33,8 +33,8 @@ PAYLOAD, MANIFEST = "delta.safetensors", "manifest.json"
 
 def _artifact(root: Path, name: str = "a") -> Path:
     return save_delta(root / f"{name}.dz", name, FP,
-                      {"lm_head": random_packed(8, 64, 2, True, 64),
-                       "model.up": random_packed(4, 32, 4, False, 16)},
+                      {"lm_head": random_linear(8, 64, 2, True, 64),
+                       "model.up": random_linear(4, 32, 4, False, 16)},
                       {"model.norm.weight": torch.randn(64)})
 
 
@@ -362,5 +362,5 @@ def test_killed_save_leaves_nothing_behind_at_the_next_start(tmp_path):
     _artifact(store, "a")
     (store / ".a.dz.old-abcdef01").mkdir()
     os.utime(store / ".a.dz.old-abcdef01", (old, old))
-    save_delta(store / "a.dz", "a", FP, {"lm_head": random_packed(8, 64, 2, True, 64)}, {}, overwrite=True)
+    save_delta(store / "a.dz", "a", FP, {"lm_head": random_linear(8, 64, 2, True, 64)}, {}, overwrite=True)
     assert os.listdir(store) == ["a.dz"]  # the next write cleans up too; the replace left nothing

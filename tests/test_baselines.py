@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import factories
 import pytest
 import torch
 
@@ -20,26 +21,10 @@ from deltazip.hf import load_model
 @pytest.fixture(scope="module")
 def synthetic_pair(tmp_path_factory):
     """A random tiny Llama (base) and a perturbed copy (fine-tune), saved in HF format with a tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from deltazip.family.tokenizer import build_tokenizer
-
-    root = tmp_path_factory.mktemp("synthetic")
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config).eval()
-    tokenizer = build_tokenizer()
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    with torch.no_grad():
-        for p in base.parameters():
-            p.add_(0.02 * p.std() * torch.randn_like(p) if p.dim() == 2 else 0.01 * torch.randn_like(p))
-    base.save_pretrained(root / "ft")
-    tokenizer.save_pretrained(root / "ft")
+    tokenizer = factories.family_tokenizer()
+    base, ft = factories.finetune_pair(tmp_path_factory.mktemp("synthetic"), tokenizer, spread="std")
     calib = calib_ids(tokenizer, ["reverse abcd=dcba", "sort dcab=abcd", "upper abc=ABC"] * 40, 8, 32)
-    return root / "base", root / "ft", calib
+    return base, ft, calib
 
 
 def _params(model_dir):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 from click.testing import CliRunner
@@ -26,45 +26,13 @@ from deltazip.format import FingerprintError, apply_delta, decompress, load_delt
 FAST = CompressConfig(n_samples=16, seq_len=32)
 
 
-def _char_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
-def _save(model, tokenizer, path: Path) -> Path:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     """A random tiny Llama base, a fine-tune (base + small perturbation), an unrelated model, calib data."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("synthetic")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False)
-    tokenizer = _char_tokenizer()
-    base = LlamaForCausalLM(config)
-    _save(base, tokenizer, root / "base")
-    with torch.no_grad():
-        for p in base.parameters():
-            scale = 0.01 if p.dim() == 1 else 0.02 * p.abs().mean()
-            p.add_(scale * torch.randn_like(p))
-    _save(base, tokenizer, root / "ft")
-    _save(LlamaForCausalLM(config), tokenizer, root / "unrelated")
-    config.intermediate_size = 96
-    _save(LlamaForCausalLM(config), tokenizer, root / "other_shape")
-    lines = [json.dumps({"text": f"the quick brown fox {i} jumps over {i * 7} dogs"}) for i in range(100)]
-    (root / "calib.jsonl").write_text("\n".join(lines))
+    root = factories.compress_inputs(tmp_path_factory.mktemp("synthetic"))
+    tokenizer = factories.char_tokenizer()
+    factories.tiny_llama(None, root / "unrelated", tokenizer)  # the generator goes on from the fine-tune
+    factories.tiny_llama(None, root / "other_shape", tokenizer, intermediate_size=96)
     return root
 
 

@@ -9,9 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 from click.testing import CliRunner
+from factories import random_delta
 
 from deltazip.converters.delta import RankDelta, shard_delta, write_delta_layout
 from deltazip.converters.names import trt_target
@@ -21,29 +23,11 @@ from deltazip.errors import DeltazipError
 from deltazip.kernels.synthetic import random_packed
 
 
-def tiny_llama(hidden: int = 128, intermediate: int = 384, vocab: int = 301, layers: int = 1, tied=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=tied)
-    config.architectures = ["LlamaForCausalLM"]
-    return LlamaForCausalLM(config).eval()
-
-
-def random_delta(model, bits: int, group: int | None, sparse: bool, seed: int = 0):
-    """Packed deltas for every linear + embedding + lm_head, exact deltas for the norms."""
-    gen = torch.Generator().manual_seed(seed)
-    linears, exact = {}, {}
-    for name, param in model.named_parameters():
-        module = name.removesuffix(".weight")
-        if param.dim() == 2:
-            n, k = param.shape
-            linears[module] = random_packed(n, k, bits, group or k, sparse, gen)
-        else:
-            exact[name] = torch.randn(param.shape, generator=gen) * 0.01
-    return linears, exact
+def converter_llama(hidden: int = 128, intermediate: int = 384, vocab: int = 301, tied=False):
+    """The converter tests' Llama: one layer, 8 heads and 2 KV heads (so that tp=8 cuts heads)."""
+    return factories.tiny_llama(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                                num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2,
+                                max_position_embeddings=64, tie_word_embeddings=tied)
 
 
 def merged(model, linears, exact):
@@ -98,7 +82,7 @@ ORACLE_CASES = {
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_oracle_export_of_merged_model_equals_base_plus_rank_delta(tp, tmp_path):
     hidden, inter, bits, group, sparse = ORACLE_CASES[tp]
-    model = tiny_llama(hidden, inter)
+    model = converter_llama(hidden, inter)
     linears, exact = random_delta(model, bits, group, sparse, seed=tp)
     shape = ModelShape.from_hf_config(model.config.to_dict())
     ranks = shard_delta(linears, exact, shape, tp)
@@ -117,7 +101,7 @@ def test_oracle_export_of_merged_model_equals_base_plus_rank_delta(tp, tmp_path)
 
 def test_oracle_tp8_sparse_hidden_256(tmp_path):
     """2:4 deltas at tp 8 (kv heads duplicated 4x) on a model wide enough for whole metadata words."""
-    model = tiny_llama(256, 768, vocab=257)
+    model = converter_llama(256, 768, vocab=257)
     linears, exact = random_delta(model, 2, None, True, seed=8)
     shape = ModelShape.from_hf_config(model.config.to_dict())
     ranks = shard_delta(linears, exact, shape, 8)
@@ -131,7 +115,7 @@ def test_oracle_tp8_sparse_hidden_256(tmp_path):
 
 def test_oracle_tied_embeddings_tp2(tmp_path):
     """Tied embeddings: the exporter writes lm_head = embedding, so the lm_head delta is the embedding's."""
-    model = tiny_llama(tied=True)
+    model = converter_llama(tied=True)
     linears, exact = random_delta(model, 2, None, True, seed=3)
     assert "lm_head" not in linears
     shape = ModelShape.from_hf_config(model.config.to_dict())
@@ -157,7 +141,7 @@ def test_awq_vocab_padding_matches_exporter():
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_rank_partial_outputs_rebuild_unsharded_output(tp):
     """Row-parallel partial outputs sum, column-parallel ones concatenate, to x·Δᵀ of the unsharded delta."""
-    model = tiny_llama(256, 768, vocab=257)
+    model = converter_llama(256, 768, vocab=257)
     linears, _ = random_delta(model, 4, 32, True, seed=tp)
     shape = ModelShape.from_hf_config(model.config.to_dict())
     ranks = shard_delta(linears, {}, shape, tp)
@@ -219,12 +203,7 @@ def test_bad_tp_is_a_clear_error(kw, message):
 
 def save_base(tmp_path: Path, vocab: int = 130, name: str = "base") -> Path:
     """A tiny random Llama base with the family tokenizer, saved as an HF directory."""
-    from deltazip.family.tokenizer import build_tokenizer
-
-    base = tmp_path / name
-    tiny_llama(vocab=vocab).save_pretrained(base)
-    build_tokenizer().save_pretrained(base)
-    return base
+    return factories.save_model(converter_llama(vocab=vocab), tmp_path / name, factories.family_tokenizer())
 
 
 def save_artifact(tmp_path: Path, base: Path, fingerprint: str | None = None) -> Path:

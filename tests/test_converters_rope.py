@@ -7,30 +7,25 @@ from __future__ import annotations
 import json
 import warnings
 
+import factories
 import pytest
-import torch
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 
 
-def tiny_llama(**rope):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
+def rope_llama(**rope):
+    """One layer, 16384 positions; `rope` in the transformers 5 spelling (its warnings silenced)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
-                             **rope)
-        return LlamaForCausalLM(config).eval()
+        return factories.tiny_llama(vocab_size=64, num_hidden_layers=1, max_position_embeddings=16384, **rope)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_llama3_rope_reaches_the_checkpoint(tmp_path, tp):
     from deltazip.converters.base import export_checkpoint
 
-    model = tiny_llama(rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE})
+    model = rope_llama(rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE})
     assert "rope_theta" not in model.config.to_dict()  # transformers 5 spelling only
     export_checkpoint(model, tmp_path / "ckpt", tp)
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
@@ -42,7 +37,7 @@ def test_llama3_rope_reaches_the_checkpoint(tmp_path, tp):
 def test_llama2_rope_is_plain(tmp_path):
     from deltazip.converters.base import export_checkpoint
 
-    model = tiny_llama(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = rope_llama(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     export_checkpoint(model, tmp_path / "ckpt", 1)
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["rotary_base"] == 10000.0

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 
+import factories
 import pytest
 import torch
 from click.testing import CliRunner
@@ -19,16 +20,8 @@ from deltazip.hf import add_delta, load_model
 @pytest.fixture(scope="module")
 def synthetic_model_dir(tmp_path_factory):
     """A random tiny Llama with the family tokenizer, saved in HF format."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from deltazip.family.tokenizer import build_tokenizer
-
     out = tmp_path_factory.mktemp("synthetic") / "model"
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    build_tokenizer().save_pretrained(out)
+    factories.tiny_llama(0, out, factories.family_tokenizer(), max_position_embeddings=2048)
     return out
 
 

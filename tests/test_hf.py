@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from factories import tiny_llama
+from transformers import LlamaConfig
 
 from deltazip.errors import DeltazipError
 from deltazip.hf import ModelWeights, parse_config, read_config
@@ -32,6 +33,12 @@ LLAMA3_V4 = {
 # The same model as transformers 5 writes it: one rope_parameters object that holds rope_theta.
 LLAMA3_V5 = {k: v for k, v in LLAMA3_V4.items() if k not in ("rope_scaling", "rope_theta", "torch_dtype")} | {
     "rope_parameters": {**LLAMA3_SCALING, "rope_type": "llama3", "rope_theta": 500000.0}, "dtype": "bfloat16"}
+
+
+def hf_llama(**config):
+    """A small random Llama (2 layers, hidden 32) for the saved-directory tests."""
+    return tiny_llama(vocab_size=96, hidden_size=32, intermediate_size=64, max_position_embeddings=2048,
+                      **config)
 
 
 def test_llama2_v4_default_rope():
@@ -79,16 +86,8 @@ def test_missing_or_mistyped_field_names_key_and_file(tmp_path):
         read_config(tmp_path / "nowhere")
 
 
-def tiny_llama(tmp_path, name: str, **kw) -> tuple[LlamaForCausalLM, object]:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, **kw)
-    model = LlamaForCausalLM(config).eval()
-    return model, tmp_path / name
-
-
 def test_tied_embeddings_read_from_a_saved_model(tmp_path):
-    model, path = tiny_llama(tmp_path, "tied", tie_word_embeddings=True)
+    model, path = hf_llama(tie_word_embeddings=True), tmp_path / "tied"
     model.save_pretrained(path)
     cfg = read_config(path)
     assert cfg.tie_word_embeddings and cfg.model_type == "llama"
@@ -102,7 +101,7 @@ def test_tied_embeddings_read_from_a_saved_model(tmp_path):
 
 
 def test_sharded_weights_read_through_the_index(tmp_path):
-    model, path = tiny_llama(tmp_path, "sharded")
+    model, path = hf_llama(), tmp_path / "sharded"
     model.save_pretrained(path, max_shard_size="20KB")
     index = json.loads((path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -120,7 +119,7 @@ def test_sharded_weights_read_through_the_index(tmp_path):
 def test_sharded_model_runs_in_the_runtime_like_one_file(tmp_path):
     from deltazip.runtime.model import Segment, load_llama
 
-    model, path = tiny_llama(tmp_path, "sharded")
+    model, path = hf_llama(), tmp_path / "sharded"
     model.save_pretrained(path, max_shard_size="20KB")
     model.save_pretrained(tmp_path / "single")
     tokens = torch.arange(1, 9)
@@ -135,7 +134,7 @@ def test_sharded_model_runs_in_the_runtime_like_one_file(tmp_path):
 
 
 def test_index_naming_a_missing_shard_is_a_clear_error(tmp_path):
-    model, path = tiny_llama(tmp_path, "sharded")
+    model, path = hf_llama(), tmp_path / "sharded"
     model.save_pretrained(path, max_shard_size="20KB")
     index = json.loads((path / "model.safetensors.index.json").read_text())
     missing = sorted(set(index["weight_map"].values()))[-1]
@@ -145,7 +144,7 @@ def test_index_naming_a_missing_shard_is_a_clear_error(tmp_path):
 
 
 def test_index_pointing_at_the_wrong_shard_is_a_clear_error(tmp_path):
-    model, path = tiny_llama(tmp_path, "sharded")
+    model, path = hf_llama(), tmp_path / "sharded"
     model.save_pretrained(path, max_shard_size="20KB")
     index_path = path / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import random_codes
 
 from deltazip.format import ArtifactError, load_delta, save_delta
-from deltazip.format.codec import PATTERNS_24
 from deltazip.packed import PackedLinear, codes_per_word, pack_codes, unpack_codes
 
 
@@ -52,18 +52,6 @@ def test_pack_unpack_codes_match_reference(bits, shape):
         assert torch.equal(back, ref_unpack_codes(words, bits, shape[-1]))
 
 
-def random_delta(n, k, bits, sparse, group, gen):
-    n_codes = k // 2 if sparse else k
-    codes = torch.randint(0, 1 << bits, (n, n_codes), generator=gen)
-    positions = None
-    if sparse:
-        symbols = torch.randint(0, 6, (n * k // 4,), generator=gen)
-        positions = torch.tensor(PATTERNS_24)[symbols].reshape(n, k // 2)
-    scales = (torch.rand(n, k // group, generator=gen) + 0.01).half()
-    zeros = torch.randint(0, 1 << bits, (n, k // group), generator=gen).half()
-    return codes, positions, scales, zeros
-
-
 @pytest.mark.parametrize("lossless", ["zstd", "none"])
 def test_save_load_dequantize_matches_reference(tmp_path, lossless):
     gen = torch.Generator().manual_seed(0)
@@ -72,7 +60,8 @@ def test_save_load_dequantize_matches_reference(tmp_path, lossless):
         for sparse in (True, False):
             for n, k, group in ((24, 96, 32), (9, 160, 160), (1, 32, 16)):  # 3-bit rows end mid-word
                 name = f"l{bits}.{int(sparse)}.{n}x{k}"
-                cases[name] = (n, k, bits, group, *random_delta(n, k, bits, sparse, group, gen))
+                codes, positions, scales, zeros = random_codes(n, k, bits, sparse, group, gen)
+                cases[name] = (n, k, bits, group, codes, positions, scales.half(), zeros.half())
                 c = cases[name]
                 linears[name] = PackedLinear.from_codes(c[4], c[6], c[7], bits, group, positions=c[5],
                                                         in_features=k)

@@ -187,7 +187,9 @@ def test_compress_round_trip_and_runtime_deltas(cases, calib, tmp_path, name):
         want = merged(tokens[None]).logits[0]
         got = ours(tokens, [Segment(ours.new_cache(32), 0, len(tokens))],
                    torch.zeros(len(tokens), dtype=torch.int32), all_logits=True)
-    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    # the merged checkpoint is rounded to the checkpoint dtype; the slot adds Δ̂ in fp32
+    tol = {torch.float32: 1e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}[CASES[name][3]]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
@@ -244,9 +246,9 @@ def test_mismatched_architecture_and_dtype(cases, calib, tmp_path):
 
 
 def run_cli(*args: str):
-    from deltazip.cli import main
+    from deltazip.cli import cli
 
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return CliRunner().invoke(cli, list(args))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
@@ -279,7 +281,7 @@ KILLER = textwrap.dedent("""
     resume.Checkpoints.save = save_then_die
     base, ft, out, calib = sys.argv[1:5]
     compress_model(base, ft, out, CompressConfig(n_samples=8, seq_len=32, tune_steps=10), calib=calib,
-                   resume=sys.argv[5] == "resume")
+                   name="d", resume=sys.argv[5] == "resume")
 """)
 
 
@@ -323,7 +325,10 @@ def test_resume_after_a_kill_gives_the_uninterrupted_artifact(calib, tmp_path):
     resumed = run(out, "resume", -1)
     assert resumed.returncode == 0, resumed.stderr
     assert not partial.exists()
-    assert _artifact_files(out) == _artifact_files(whole)
+    got, want = _artifact_files(out), _artifact_files(whole)
+    assert got.keys() == want.keys()
+    for file in want:  # the payload bit for bit; the manifest up to the wall time
+        assert got[file] == want[file], file
 
     # --resume with other settings, or with nothing to resume: one clear line, nothing written
     killed = run(tmp_path / "again.dz", "fresh", 0)
@@ -337,3 +342,24 @@ def test_resume_after_a_kill_gives_the_uninterrupted_artifact(calib, tmp_path):
     assert "\n" not in str(info.value) and not (tmp_path / "again.dz").exists()
     with pytest.raises(DeltazipError, match="no interrupted run to resume"):
         compress_model(base, ft, tmp_path / "never.dz", FAST, calib=calib, resume=True)
+
+
+# ---- defaults by size, eval --device ----------------------------------------------------------------------
+
+def test_defaults_scale_with_model_size_and_keep_explicit_values():
+    from deltazip.compress.defaults import scale_defaults
+
+    tiny = scale_defaults(CompressConfig(), 10_000_000)
+    assert (tiny.n_samples, tiny.seq_len, tiny.tune_steps, tiny.tune_seconds) == (256, 32, 100, 0.0)
+    seven = scale_defaults(CompressConfig(), 6_700_000_000)
+    assert (seven.n_samples, seven.seq_len, seven.tune_steps, seven.tune_seconds) == (128, 2048, 20, 180.0)
+    thirteen = scale_defaults(CompressConfig(seq_len=1024), 13_000_000_000)
+    assert (thirteen.seq_len, thirteen.tune_steps) == (1024, 10)  # an explicit value stays
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_eval_device_cuda_without_cuda_is_one_line(tmp_path):
+    result = run_cli("eval", str(tmp_path), "--device", "cuda:1")
+    assert result.exit_code == 2
+    assert "--device cuda:1: CUDA is not available" in result.output
+    assert len(result.output.strip().splitlines()) == 1

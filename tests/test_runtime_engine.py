@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runtime_pool import make_synthetic_store
+from factories import synthetic_store
 from transformers import LlamaForCausalLM
 
 from deltazip.config import RuntimeConfig
@@ -33,7 +33,7 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_tokens: int, eos: int)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> tuple[Path, Path]:
-    return make_synthetic_store(tmp_path_factory.mktemp("runtime-engine"))
+    return synthetic_store(tmp_path_factory.mktemp("runtime-engine"))
 
 
 @pytest.fixture(scope="module")

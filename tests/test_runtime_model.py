@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from factories import random_delta, tiny_llama
+from transformers import LlamaForCausalLM
 
 from deltazip.runtime.model import Segment, load_llama
 
@@ -19,15 +20,9 @@ CONFIGS = {
 
 
 def make_hf_model(tmp_path, name: str, seed: int = 0) -> tuple[LlamaForCausalLM, object]:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      max_position_embeddings=128, rms_norm_eps=1e-5, **CONFIGS[name])
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF initialises norms to 1 and biases to 0; randomise so they are tested
-        for pname, p in model.named_parameters():
-            if "norm" in pname or "bias" in pname:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(tmp_path / name)
+    """CONFIGS[name] on a 2-layer, hidden-64 Llama with random norms and biases, saved to tmp_path/name."""
+    model = tiny_llama(seed, tmp_path / name, norm_noise=0.1, vocab_size=97, intermediate_size=96,
+                       rms_norm_eps=1e-5, **CONFIGS[name])
     return model, tmp_path / name
 
 
@@ -76,19 +71,11 @@ def test_load_rejects_non_model_dir(tmp_path):
 
 # ---- delta layers -------------------------------------------------------------------------------------
 
-def _random_delta(model, seed: int, bits: int = 2, sparse24: bool = True):
-    """Packed deltas for every linear + the embedding, and exact norm deltas, for a runtime Llama."""
-    from deltazip.kernels.synthetic import random_packed
-
-    gen = torch.Generator().manual_seed(seed)
-    linears = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            n, k = module.weight.shape
-            linears[name] = random_packed(n, k, bits, 32, sparse24, generator=gen)
-    exact = {name: torch.randn(p.shape, generator=gen) * 0.1
-             for name, p in model.named_parameters() if "norm" in name}
-    return linears, exact
+def _delta_params(model) -> list[tuple[str, torch.Size]]:
+    """A runtime Llama's delta targets in draw order: every linear + the embedding, then the norms."""
+    linears = [(f"{name}.weight", module.weight.shape) for name, module in model.named_modules()
+               if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))]
+    return linears + [(name, p.shape) for name, p in model.named_parameters() if "norm" in name]
 
 
 def _merged_state(model, linears, exact) -> dict[str, torch.Tensor]:
@@ -134,7 +121,8 @@ def test_mixed_delta_batch_matches_merged_models(tmp_path):
 
     hf, path = make_hf_model(tmp_path, "gqa-llama3-rope")
     ours = load_llama(path)
-    deltas = [_random_delta(ours, seed=s, bits=b) for s, b in ((1, 2), (2, 4))]
+    deltas = [random_delta(_delta_params(ours), b, 32, True, seed=s, exact_scale=0.1)
+              for s, b in ((1, 2), (2, 4))]
     merged = []
     for linears, exact in deltas:
         m = LlamaForCausalLM(hf.config).eval()

@@ -5,72 +5,19 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 
-from deltazip.format import ChecksumError, FingerprintError, fingerprint_model, save_delta
+from deltazip.format import ChecksumError, FingerprintError, fingerprint_model
 from deltazip.runtime.delta_linear import clear_model_delta, enable_deltas, set_model_delta
 from deltazip.runtime.model import load_llama
 from deltazip.runtime.pool import DeltaPool, RequestError
 
 
-def make_synthetic_base(out: Path, seed: int = 0) -> Path:
-    """A random tiny Llama (GQA, llama3 RoPE) with the family's character tokenizer, in HF format."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from deltazip.family.tokenizer import build_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 64})
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def random_delta(base_dir: Path, seed: int, bits: int = 2):
-    """Packed 2:4 deltas for every linear, embedding and lm_head, exact norm deltas (HF names)."""
-    from safetensors.torch import load_file
-
-    from deltazip.kernels.synthetic import random_packed
-
-    gen = torch.Generator().manual_seed(seed)
-    state = load_file(base_dir / "model.safetensors")
-    linears, exact = {}, {}
-    for name, tensor in sorted(state.items()):
-        if "norm" in name:
-            exact[name] = torch.randn(tensor.shape, generator=gen) * 0.1
-        else:
-            n, k = tensor.shape
-            linears[name.removesuffix(".weight")] = random_packed(n, k, bits, 32, True, generator=gen)
-    return linears, exact
-
-
-def make_synthetic_store(root: Path, names: tuple[str, ...] = ("a", "b", "c")) -> tuple[Path, Path]:
-    """A base dir and a store with one artifact per name, plus 'wrongbase' and 'corrupt'."""
-    base = make_synthetic_base(root / "base")
-    store = root / "deltas"
-    fingerprint = fingerprint_model(base)
-    for i, name in enumerate(names):
-        bits = 2 + 2 * (i % 2)  # 2-bit and 4-bit deltas share the pool
-        save_delta(store / f"{name}.dz", name, fingerprint, *random_delta(base, seed=i + 1, bits=bits))
-    save_delta(store / "wrongbase.dz", "wrongbase", "sha256:" + "0" * 64, *random_delta(base, seed=9))
-    save_delta(store / "corrupt.dz", "corrupt", fingerprint, *random_delta(base, seed=10))
-    payload = store / "corrupt.dz" / "delta.safetensors"
-    data = bytearray(payload.read_bytes())
-    data[-100] ^= 0xFF
-    payload.write_bytes(bytes(data))
-    return base, store
-
-
 @pytest.fixture(scope="module")
 def synthetic_store(tmp_path_factory) -> tuple[Path, Path]:
-    return make_synthetic_store(tmp_path_factory.mktemp("runtime-pool"))
+    return factories.synthetic_store(tmp_path_factory.mktemp("runtime-pool"))
 
 
 def make_pool(base: Path, store: Path, num_slots: int = 2, host_cache_bytes: int = 1 << 30):
@@ -167,7 +114,7 @@ def test_bad_artifacts_fail_alone(synthetic_store):
 def test_install_validates_before_copy(synthetic_store):
     base, _ = synthetic_store
     model, _ = make_pool(*synthetic_store)
-    linears, exact = random_delta(base, seed=3)
+    linears, exact = factories.store_delta(base, seed=3)
     set_model_delta(model, 0, linears, exact)
     before = model.delta_modules["model.norm"].weight_delta_by_slot.clone()
     exact["model.layers.9.input_layernorm.weight"] = torch.zeros(64)

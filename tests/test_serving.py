@@ -135,7 +135,7 @@ def _raw(server, *named_arrays) -> None:
     ({"max_tokens": -1}, "max_tokens must be in"),
     ({"max_tokens": 10_000}, "max_tokens must be in"),
     ({"top_p": 0.0}, "top_p must be in"),
-    ({"temperature": -1.0}, "temperature must be >= 0"),
+    ({"temperature": -1.0}, "temperature must be 0 \\(greedy\\) or in"),
     ({"model": "../reverse"}, "invalid delta name"),
     ({"prompt": "reverse " + "a" * 400 + "="}, "context holds"),
 ])

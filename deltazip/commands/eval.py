@@ -38,10 +38,12 @@ def parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--lm-eval-tasks", "lm_eval_tasks", multiple=True, type=click.Path(path_type=Path),
               help="Local lm-eval-harness task YAML (repeatable; needs deltazip[eval]; unverified here).")
 @click.option("--no-store", is_flag=True, help="Print the report without writing it into the manifest.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto | cpu | cuda | cuda:N for scoring (CUDA unverified; CPU is the tested path).")
 @click.pass_context
 def eval_cmd(ctx: click.Context, artifact: Path, base: str | None, family_dir: Path | None,
              task: str | None, baselines: str, max_examples: int | None, lm_eval_tasks: tuple[Path, ...],
-             no_store: bool) -> None:
+             no_store: bool, device: str) -> None:
     """Exact-match accuracy and perplexity of ARTIFACT (a NAME.dz delta) on its family task."""
     from transformers.utils import logging as hf_logging
 
@@ -54,6 +56,9 @@ def eval_cmd(ctx: click.Context, artifact: Path, base: str | None, family_dir: P
     from deltazip.threads import configure_threads
 
     configure_threads(config.runtime.threads)  # the CPUs this process may use, or [runtime] threads
+    from deltazip.compress.device import resolve_device
+
+    resolve_device(device)  # --device cuda without CUDA: one line, exit 2, before any work
     if not (artifact / "manifest.json").is_file():
         raise DeltazipError(f"delta artifact not found: {artifact} (no manifest.json)")
     base_dir = config.resolve_model(base or config.build.base)
@@ -63,7 +68,7 @@ def eval_cmd(ctx: click.Context, artifact: Path, base: str | None, family_dir: P
     report = evaluate_artifact(base_dir, artifact, family, task=task, baselines=baseline_names,
                                max_examples=max_examples, n_samples=config.compress.n_samples,
                                seq_len=config.compress.seq_len, lm_eval_tasks=lm_eval_tasks,
-                               store=not no_store)
+                               store=not no_store, device=device)
     rows = [[r["method"], "-" if r["size_bytes"] is None else r["size_bytes"],
              "-" if r["ratio_vs_fp16"] is None else f"{r['ratio_vs_fp16']:.2f}x",
              f"{100 * r['accuracy']:.1f}%", r["perplexity"], r["note"]] for r in report["rows"]]

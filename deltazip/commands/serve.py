@@ -29,7 +29,7 @@ def serve(ctx: click.Context, build_dir: str | None, host: str | None, http_port
     """Serve BUILD_DIR (default: [build].out) with the bundled tritonserver and the OpenAI-compatible front;
     Ctrl-C stops both cleanly."""
     from deltazip.builder.build import load_build
-    from deltazip.serving.server import ServerError, TritonServer
+    from deltazip.serving.server import TritonServer, supervise
     from deltazip.ui import console, print_table
 
     config = get_config(ctx)
@@ -47,6 +47,10 @@ def serve(ctx: click.Context, build_dir: str | None, host: str | None, http_port
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    if server.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning: tritonserver binds {server.host}: its HTTP endpoint (2.51) crashes "
+                      "on deeply nested JSON and wraps integers beyond INT32; expose the OpenAI front or "
+                      "gRPC instead (see README, Serving)[/yellow]")
     try:
         console.print(f"starting tritonserver on {build.resolve()} (log: see below) …")
         server.start()
@@ -70,9 +74,8 @@ def serve(ctx: click.Context, build_dir: str | None, host: str | None, http_port
         ]
         print_table("deltazip_llm is ready", ["endpoint", "address"], rows)
         console.print("press Ctrl-C to stop")
-        code = server.process.wait()
-        raise ServerError(f"tritonserver exited unexpectedly (code {code}); last log lines:\n"
-                          f"{server.log_tail()}")
+        # a dead model stub or tritonserver: restart on the same ports (a few times), else exit 2
+        supervise(server, report=lambda line: console.print(f"[yellow]{line}[/yellow]"))
     except KeyboardInterrupt:
         console.print("stopping …")
     finally:

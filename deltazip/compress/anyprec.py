@@ -17,15 +17,10 @@ from __future__ import annotations
 import torch
 
 from deltazip.compress.obs import inverse_hessian_factor, output_error, refit_scales
-from deltazip.format.precision import AnyPrecisionLinear
+from deltazip.format.precision import AnyPrecisionLinear, midrise_zero
 from deltazip.packed import PackedLinear
 
 SWEEPS = 2
-
-
-def midrise_zero(bits: int) -> float:
-    """The zero of the b-bit midrise grid: 2^(b−1) − ½ (exact in fp16)."""
-    return (1 << (bits - 1)) - 0.5
 
 
 def solve_any_precision(delta: torch.Tensor, hessian: torch.Tensor | None, precisions: list[int],

@@ -32,13 +32,13 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return _factors(hessian, damp)[0]
 
 
-def _factors(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, F): U the upper Cholesky factor of the damped H⁻¹, F a square root of the damped H (F Fᵀ = H).
+def _factors(hessian: torch.Tensor, damp: float, owned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, L): U the upper Cholesky factor of the damped H⁻¹, L the Cholesky factor of P H P (damped).
 
     With P the reversal permutation and P H P = L Lᵀ: H⁻¹ = (P L⁻¹ P)ᵀ (P L⁻¹ P) and H = (P L)(P L)ᵀ —
-    one Cholesky and one triangular inverse (by GEMMs), in float32.
+    one Cholesky and one triangular inverse (by GEMMs), in float32. `owned`: damp `hessian` in place.
     """
-    h = _damped(hessian, damp)
+    h = _damped(hessian, damp, owned)
     diag = torch.arange(h.shape[0], device=h.device)
     for attempt in range(6):  # grow damping if H is numerically indefinite
         lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
@@ -47,11 +47,12 @@ def _factors(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Te
         h[diag, diag] += damp * torch.mean(torch.diag(h)) * 10**attempt + 1e-6
     else:
         raise ValueError("the input Hessian is not positive definite even after damping")
-    return _lower_inverse(lower).flip(0, 1), lower.flip(0)
+    del h
+    return _lower_inverse(lower).flip(0, 1), lower
 
 
-def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    h = hessian.float().clone()
+def _damped(hessian: torch.Tensor, damp: float, owned: bool = False) -> torch.Tensor:
+    h = hessian.float() if owned else hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     diag = torch.arange(h.shape[0], device=h.device)
@@ -114,20 +115,28 @@ def solve_delta(delta: torch.Tensor, hessian: torch.Tensor | None, bits: int, sp
         steps, pruned, scales = _round_to_nearest(w, bits, sparse24, prune_fraction, group)
         return _pack(steps, pruned, scales, bits, group, sparse24)
 
-    w = w.clone()
-    w[:, torch.diag(hessian) == 0] = 0
+    dead = torch.diag(hessian) == 0
+    if bool(dead.any()):
+        w = w.clone()
+        w[:, dead] = 0
     per_row = group == n_cols
     order = _act_order(hessian) if per_row and n_cols % 4 == 0 else None
     h = hessian.float()
     if order is not None:
         w, h = w.index_select(1, order), h.index_select(0, order).index_select(1, order)
-    u, root = _factors(h, damp)
+    sketched = per_row and n_cols > 2 * SKETCH
+    u, lower = _factors(h, damp, owned=sketched and order is not None)  # h is needed later only unsketched
+    if sketched:
+        del h
+        h = None
     scales = _initial_row_scales(w, bits, sparse24, prune_fraction) if per_row else None
-    steps, pruned, scales = _sweep(w.clone(), u, bits, sparse24, prune_fraction, group, block_size, scales)
-    scales = refit_scales(w, steps, scales, h, group, root)
+    steps, pruned, scales = _sweep(w, u, bits, sparse24, prune_fraction, group, block_size, scales)
+    del u
+    scales = refit_scales(w, steps, scales, h, group, lower if sketched else None)
+    del lower
     if order is not None:
         inverse = torch.argsort(order)
-        steps, pruned = steps[:, inverse], pruned[:, inverse]
+        steps, pruned = steps.index_select(1, inverse), pruned.index_select(1, inverse)
     return _pack(steps, pruned, scales, bits, group, sparse24)
 
 
@@ -190,18 +199,20 @@ def _threads(count: int, device: torch.device):
 
 def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fraction: float, group: int,
            block_size: int, row_scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """One OBS pass over the columns of w: steps (code − zero) [N, K], pruned mask [N, K], scales [N, G].
+    """One OBS pass over the columns of w (not modified): steps (code − zero, int8) [N, K], pruned mask
+    [N, K], scales [N, G].
 
     `row_scales` [N, 1]: quantize every column against it; None: fit each group's scale when the sweep
-    reaches the group (on the error-updated weights).
+    reaches the group (on the error-updated weights). Working memory: Wᵀ plus two [block, N] buffers.
     """
     n_rows, n_cols = w.shape
     device = w.device
     z, top = zero_code(bits), (1 << bits) - 1 - zero_code(bits)
     wt = w.T.contiguous()  # [K, N]: column k of w is row k of wt
-    steps = torch.zeros(n_cols, n_rows, device=device)
-    errs = torch.zeros(n_cols, n_rows, device=device)
+    steps = torch.zeros(n_cols, n_rows, dtype=torch.int8 if bits <= 8 else torch.int32, device=device)
     pruned = torch.zeros(n_cols, n_rows, dtype=torch.bool, device=device)
+    block_steps = torch.zeros(block_size, n_rows, device=device)
+    block_errs = torch.zeros(block_size, n_rows, device=device)
     if row_scales is None:
         scales = torch.zeros(n_rows, n_cols // group, device=device)
         scale = inv_scale = None
@@ -218,6 +229,7 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fr
             k = int(saliency.numel() * prune_fraction)
             if k > 0:
                 pruned[start:end] = saliency <= saliency.flatten().kthvalue(k).values
+        errs = block_errs[:end - start]
         with _threads(1, device):
             for a in range(start, end, sub):
                 b = min(a + sub, end)
@@ -239,7 +251,7 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fr
                         drop_mask.fill_(False).scatter_(0, drop, True)
                         pruned[g:g + 4] = drop_mask
                     for j in range(g, min(g + 4, b)):
-                        col, step, err = wt[j], steps[j], errs[j]
+                        col, step, err = wt[j], block_steps[j - start], errs[j - start]
                         torch.mul(col, inv_scale, out=step)
                         step.round_().clamp_(-z, top)
                         if sparse24:
@@ -251,31 +263,38 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fr
                         if j + 1 < b:
                             wt[j + 1:b].addr_(u_sub[j - a, j + 1 - a:], err, alpha=-1)
                 if b < end:
-                    wt[b:end].addmm_(u[a:b, b:end].T, errs[a:b], alpha=-1)
+                    wt[b:end].addmm_(u[a:b, b:end].T, errs[a - start:b - start], alpha=-1)
+        steps[start:end] = block_steps[:end - start]
         if end < n_cols:
-            wt[end:].addmm_(u[start:end, end:].T, errs[start:end], alpha=-1)
+            wt[end:].addmm_(u[start:end, end:].T, errs, alpha=-1)
     return steps.T, pruned.T, scales
 
 
-def refit_scales(delta: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor, h: torch.Tensor,
-                 group: int, root: torch.Tensor | None = None) -> torch.Tensor:
+def refit_scales(delta: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor, h: torch.Tensor | None,
+                 group: int, lower: torch.Tensor | None = None) -> torch.Tensor:
     """Refit scales [N, G] to the chosen codes: s_g = (u_gᵀ H_gg Δ_g) / (u_gᵀ H_gg u_g), u = code − zero.
 
-    Least squares for ‖(Ŵ − Δ) X‖² when G = 1 (given `root`, F with F Fᵀ = H damped, and K > 2·SKETCH: H
-    sketched as (F·S)(F·S)ᵀ, S a seeded Gaussian [K, SKETCH]); per group (block-diagonal H) otherwise. A
-    row keeps its new scales only where the (estimated) output error drops.
+    Least squares for ‖(Ŵ − Δ) X‖² when G = 1 — with `lower` (L of P H P = L Lᵀ, H damped, so F = P L has
+    F Fᵀ = H) H is sketched as (F·S)(F·S)ᵀ, S a seeded Gaussian [K, SKETCH]; per group (block-diagonal H)
+    otherwise. A row keeps its new scales only where the (estimated) output error drops.
     """
     n_rows, n_cols = steps.shape
     if group == n_cols:
-        if root is not None and n_cols > 2 * SKETCH:
-            gen = torch.Generator(device=h.device).manual_seed(0)
-            sketch = torch.randn(n_cols, SKETCH, generator=gen, device=h.device) / SKETCH**0.5
-            factor = root @ sketch  # E[factor factorᵀ] = F Fᵀ = H (damped)
-            steps_x, delta_x = steps @ factor, delta @ factor
-            a, b = (steps_x * steps_x).sum(1, keepdim=True), (steps_x * delta_x).sum(1, keepdim=True)
-        else:
-            steps_h = steps @ h
-            a, b = (steps_h * steps).sum(1, keepdim=True), (steps_h * delta).sum(1, keepdim=True)
+        a = torch.zeros(n_rows, 1, device=delta.device)
+        b = torch.zeros(n_rows, 1, device=delta.device)
+        if lower is not None:
+            gen = torch.Generator(device=lower.device).manual_seed(0)
+            sketch = torch.randn(n_cols, SKETCH, generator=gen, device=lower.device) / SKETCH**0.5
+            factor = (lower @ sketch).flip(0)  # P L S: E[factor factorᵀ] = H (damped)
+        for r in range(0, n_rows, 4096):  # row chunks: int8 steps become fp32 a chunk at a time
+            rows = slice(r, r + 4096)
+            st = steps[rows].float()
+            if lower is not None:
+                sx, dx = st @ factor, delta[rows] @ factor
+                a[rows], b[rows] = (sx * sx).sum(1, keepdim=True), (sx * dx).sum(1, keepdim=True)
+            else:
+                sh = st @ h
+                a[rows], b[rows] = (sh * st).sum(1, keepdim=True), (sh * delta[rows]).sum(1, keepdim=True)
         fitted = _fp16(torch.where(a > 0, b / a.clamp_min(1e-30), scales))
         # per row, error(s) − ΔHΔᵀ = a·s² − 2·b·s
         better = a * fitted.square() - 2 * b * fitted < a * scales.square() - 2 * b * scales
@@ -283,9 +302,10 @@ def refit_scales(delta: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor,
     fitted = scales.clone()
     for g in range(scales.shape[1]):
         cols = slice(g * group, (g + 1) * group)
-        steps_h = steps[:, cols] @ h[cols, cols]
+        group_steps = steps[:, cols].float()
+        steps_h = group_steps @ h[cols, cols]
         num = (steps_h * delta[:, cols]).sum(1)
-        den = (steps_h * steps[:, cols]).sum(1)
+        den = (steps_h * group_steps).sum(1)
         fitted[:, g] = torch.where(den > 0, num / den.clamp_min(1e-30), scales[:, g])
     fitted = _fp16(fitted)
     better = output_error(delta, steps, fitted, h, group) < output_error(delta, steps, scales, h, group)

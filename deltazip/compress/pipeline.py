@@ -24,6 +24,7 @@ from deltazip.compress.blocks import (
     sequential_groups,
 )
 from deltazip.compress.calibration import calibration_tokens
+from deltazip.compress.defaults import scale_defaults
 from deltazip.compress.device import resolve_device
 from deltazip.compress.obs import solve_delta
 from deltazip.compress.resume import Checkpoints
@@ -33,7 +34,7 @@ from deltazip.errors import DeltazipError
 from deltazip.format import fingerprint_model, merge_tensor, save_delta
 from deltazip.format.codec import encode_tensors
 from deltazip.format.manifest import check_name
-from deltazip.format.precision import AnyPrecisionLinear
+from deltazip.format.precision import AnyPrecisionLinear, snapped
 from deltazip.hf import ModelConfig, ModelWeights, read_config
 from deltazip.packed import PackedLinear
 from deltazip.ui import progress
@@ -160,6 +161,7 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
     target_cfg = read_config(target_dir)
     check_compatible(base, target, read_config(base_dir), target_cfg)
     check_dtypes(base, target)
+    settings = scale_defaults(settings, sum(math.prod(target.shape(n)) for n in target.names()))
     norms = [0.0, 0.0]  # Σ‖t − b‖², Σ‖b‖² over matrices (norm vectors near 1 would mask an unrelated model)
 
     warned = []
@@ -216,6 +218,7 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
     if settings.bits != 16 and (settings.target_ratio > 0 or settings.budget_bytes > 0):
         info["stats"].update(budget_stats)
     fingerprint = fingerprint_model(base_dir)
+    linears = {k: snapped(v) if isinstance(v, AnyPrecisionLinear) else v for k, v in linears.items()}
     save_delta(out_dir, name, fingerprint, linears, exact, info, settings.lossless, overwrite=overwrite)
     if settings.bits != 16 and checkpoints is not None:
         checkpoints.finish()
@@ -365,8 +368,8 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
         linears["lm_head"] = solve(LM_HEAD, t - b, hessian_of(normed))
         if settings.tune_steps > 0:
             head = linears["lm_head"]
-            tuned = {bits: _tune_head(_view(head, bits), b, t, normed, normed_ft,
-                                      settings.tune_steps) for bits in _precisions(head)}
+            tuned = {bits: _tune_head(_view(head, bits), b, t, normed, normed_ft, settings.tune_steps,
+                                      settings.tune_seconds) for bits in _precisions(head)}
             linears["lm_head"] = _joined(head, tuned)
 
 
@@ -424,7 +427,7 @@ def _tune_block(runner: BlockRunner, layer: torch.nn.Module, base_weights: dict,
 
     with torch.enable_grad():
         tuned = tune_scales(packed, loss_fn, hidden.shape[0], settings.tune_steps, TUNE_LR, TUNE_BATCH,
-                            device=hidden.device)
+                            device=hidden.device, max_seconds=settings.tune_seconds)
     for lin in base_weights:
         linears[f"{prefix}{lin}"] = tuned[lin]
         layer.get_submodule(lin).weight.copy_(base_weights[lin] + tuned[lin].dequantize().to(hidden.device))
@@ -435,7 +438,7 @@ def _tune_block(runner: BlockRunner, layer: torch.nn.Module, base_weights: dict,
 
 
 def _tune_head(packed: PackedLinear, head_base: torch.Tensor, head_ft: torch.Tensor, normed: torch.Tensor,
-               normed_ft: torch.Tensor, steps: int) -> PackedLinear:
+               normed_ft: torch.Tensor, steps: int, max_seconds: float = 0.0) -> PackedLinear:
     """Fit the lm_head delta's scales so the compressed model's next-token distribution matches the
     fine-tune's (KL on the calibration tokens)."""
     target_logp = F.log_softmax(normed_ft @ head_ft.T, dim=-1)
@@ -447,7 +450,7 @@ def _tune_head(packed: PackedLinear, head_base: torch.Tensor, head_ft: torch.Ten
 
     with torch.enable_grad():
         return tune_scales({"head": packed}, loss_fn, normed.shape[0], steps, TUNE_LR, TUNE_BATCH,
-                           device=normed.device)["head"]
+                           device=normed.device, max_seconds=max_seconds)["head"]
 
 
 def _linear_set(layer: torch.nn.Module) -> set[str]:

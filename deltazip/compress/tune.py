@@ -9,6 +9,8 @@ the codes stay as the solver chose them.
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -48,10 +50,10 @@ class ScaleSet:
 
 
 def tune_scales(packed: dict[str, PackedLinear], loss_fn: Callable[[ScaleSet, slice], torch.Tensor],
-                n_rows: int, steps: int, lr: float, batch: int,
-                device: torch.device | str | None = None) -> dict[str, PackedLinear]:
-    """Adam on the log-scales of `packed` against loss_fn(scales, rows) (on `device`); keeps the result only
-    if the full-batch loss drops (fp16-rounded scales)."""
+                n_rows: int, steps: int, lr: float, batch: int, device: torch.device | str | None = None,
+                max_seconds: float = 0.0) -> dict[str, PackedLinear]:
+    """Adam on the log-scales of `packed` against loss_fn(scales, rows) (on `device`; at most `max_seconds`
+    when > 0); keeps the result only if the full-batch loss drops (fp16-rounded scales)."""
     if steps <= 0 or not packed:
         return packed
     params = ScaleSet(packed, device)
@@ -60,7 +62,10 @@ def tune_scales(packed: dict[str, PackedLinear], loss_fn: Callable[[ScaleSet, sl
         before = float(loss_fn(params, everything))
     opt = torch.optim.Adam(list(params.log_mult.values()), lr=lr)
     gen = torch.Generator().manual_seed(0)
+    deadline = time.perf_counter() + max_seconds if max_seconds > 0 else math.inf
     for _ in range(steps):
+        if time.perf_counter() > deadline:
+            break
         start = int(torch.randint(0, max(1, n_rows - batch + 1), (1,), generator=gen))
         loss = loss_fn(params, slice(start, start + batch))
         opt.zero_grad()

@@ -102,17 +102,22 @@ def artifact_label(manifest: dict) -> str:
 
 def evaluate_artifact(base_dir: Path, artifact_dir: Path, family_dir: Path, task: str | None = None,
                       baselines: tuple[str, ...] = (), max_examples: int | None = None, n_samples: int = 64,
-                      seq_len: int = 64, lm_eval_tasks: tuple[Path, ...] = (), store: bool = True) -> dict:
+                      seq_len: int = 64, lm_eval_tasks: tuple[Path, ...] = (), store: bool = True,
+                      device: str = "cpu") -> dict:
     """Score base, full fine-tune, base + decompress(artifact) and the named baselines on the artifact's task.
+
+    Scoring runs on `device` (auto | cpu | cuda[:N]; CUDA unverified); baselines are built on the CPU.
 
     The report (see make_report) is stored under "quality" in the artifact's manifest unless `store` is False.
     """
     from deltazip.compress.calibration import calib_ids, read_calib_texts
+    from deltazip.compress.device import resolve_device
     from deltazip.eval.baselines import run_baseline
     from deltazip.family import load_eval_set, load_family
     from deltazip.format import FingerprintError, decompress, fingerprint_model, load_delta
     from deltazip.ui import progress
 
+    torch_device = resolve_device(device)
     artifact_dir = Path(artifact_dir)
     if not (artifact_dir / "manifest.json").is_file():
         raise DeltazipError(f"delta artifact not found (no manifest.json): {artifact_dir}")
@@ -150,6 +155,7 @@ def evaluate_artifact(base_dir: Path, artifact_dir: Path, family_dir: Path, task
     kinds = ["base", "full", "deltazip", *baselines]
     for kind in progress(kinds, desc=f"eval {task}"):
         method, model, size, note = build(kind)
+        model = model.to(torch_device)
         accuracy, ppl = score(model, tokenizer, examples)
         rows.append(QualityRow(method, size, full_bytes / size if size else None, accuracy, ppl, note))
         if lm_eval_tasks:

@@ -44,6 +44,8 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], context_lens: list
             mask[row, :len(seq)] = 1
             first = max(1, context_lens[start + row]) if context_lens else 1
             scored[row, first:len(seq)] = True
+        device = next(model.parameters()).device
+        input_ids, scored, mask = input_ids.to(device), scored.to(device), mask.to(device)
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
         labels = input_ids[:, 1:].masked_fill(~scored[:, 1:], -100)

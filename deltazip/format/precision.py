@@ -1,13 +1,15 @@
 """Any-precision linears (docs/FORMAT.md, "Any-precision linears"): nested codes stored as bitplanes.
 
 An any-precision linear stores its widest codes (`bits` B) as B bitplanes, most significant first; the top b
-planes are the codes of a valid b-bit delta, with that precision's own `scales{b}` and `zeros{b}`. Loading
-at precision b reads the 2:4 patterns, planes 0..b−1 and the b-bit scales/zeros into an ordinary b-bit
-`PackedLinear`: the kernels see nothing new.
+planes are the codes of a valid b-bit delta on the midrise grid w = (q − z_b)·s_b, z_b = 2^(b−1) − ½, with
+that precision's own scales: the widest as fp16 (`scales`), each narrower one as an int8 log-ratio to them
+(`ratio{b}`: s_b = fp16(2^(B−b) · s_B · 2^(r/64)), 1.1% steps). Loading at precision b reads the 2:4 patterns,
+planes 0..b−1 and the b-bit scales into an ordinary b-bit `PackedLinear`: the kernels see nothing new.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +64,39 @@ class AnyPrecisionLinear:
         return getattr(self.top, item)
 
 
+RATIO_STEPS = 64  # int8 log2-ratio steps per octave of the narrower precisions' scales
+
+
+def midrise_zero(bits: int) -> float:
+    """The zero of the b-bit midrise grid: 2^(b−1) − ½ (exact in fp16)."""
+    return (1 << (bits - 1)) - 0.5
+
+
+def scale_ratio(scales: torch.Tensor, top: torch.Tensor, shift: int) -> torch.Tensor:
+    """int8 r with scales ≈ 2^shift · top · 2^(r/RATIO_STEPS) (nearest, clamped to int8)."""
+    ratio = scales.float() / (top.float() * (1 << shift))
+    return torch.round(torch.log2(ratio.clamp_min(1e-30)) * RATIO_STEPS).clamp(-128, 127).to(torch.int8)
+
+
+def ratio_scales(ratio: torch.Tensor, top: torch.Tensor, shift: int) -> torch.Tensor:
+    """fp16 scales of a narrower precision from its int8 ratios (the one formula writer and reader use)."""
+    scales = top.float() * (1 << shift) * torch.exp2(ratio.float() / RATIO_STEPS)
+    return scales.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+
+
+def snapped(linear: AnyPrecisionLinear) -> AnyPrecisionLinear:
+    """The linear with each narrower precision's scales rounded to what the artifact stores (int8 ratios)."""
+    top = linear.top
+    views = {}
+    for bits, view in linear.views.items():
+        if bits != top.bits:
+            shift = top.bits - bits
+            view = dataclasses.replace(view, scales=ratio_scales(scale_ratio(view.scales, top.scales, shift),
+                                                                 top.scales, shift).contiguous())
+        views[bits] = view
+    return AnyPrecisionLinear(views)
+
+
 def plane_names(bits: int) -> list[str]:
     return [f"plane{i}" for i in range(bits)]
 
@@ -83,16 +118,21 @@ def codes_from_planes(planes: list[bytes], count: int) -> np.ndarray:
 
 
 def any_precision_streams(linear: AnyPrecisionLinear, pattern_stream) -> dict[str, torch.Tensor]:
-    """The streams of an any-precision linear: patterns (2:4), plane0.., then scales{b}/zeros{b} per b."""
+    """The streams of an any-precision linear: patterns (2:4), plane0.., scales (widest), ratio{b} (others).
+
+    The zeros are the midrise grid's (not stored); narrower scales are stored as int8 ratios (snapped())."""
     top = linear.top
+    for bits, view in linear.views.items():
+        if not torch.all(view.zeros.float() == midrise_zero(bits)):
+            raise ValueError(f"any-precision {bits}-bit zeros must be the midrise {midrise_zero(bits)}")
     streams = {}
     if top.sparse24:
         streams["patterns"] = pattern_stream(top.positions())
     for name, plane in zip(plane_names(top.bits), planes_of(top.codes(), top.bits), strict=True):
         streams[name] = plane
-    for bits in linear.precisions:
-        streams[f"scales{bits}"] = linear.views[bits].scales.to(torch.float16)
-        streams[f"zeros{bits}"] = linear.views[bits].zeros.to(torch.float16)
+    streams["scales"] = top.scales.to(torch.float16)
+    for bits in linear.precisions[:-1]:
+        streams[f"ratio{bits}"] = scale_ratio(linear.views[bits].scales, top.scales, top.bits - bits)
     return streams
 
 
@@ -105,8 +145,11 @@ def view_from_streams(entry: dict, streams: dict[str, bytes], precision: int, me
     codes = codes_from_planes([streams[p] for p in plane_names(entry["bits"])[:precision]], n * n_codes)
     qweight = pack_codes_np(codes.reshape(n, n_codes), precision)
     meta = meta_of(streams["patterns"], n, k) if sparse else None
-    scales = as_tensor(streams[f"scales{precision}"], torch.float16, [n, k // group])
-    zeros = as_tensor(streams[f"zeros{precision}"], torch.float16, [n, k // group])
+    scales = as_tensor(streams["scales"], torch.float16, [n, k // group])
+    if precision != entry["bits"]:
+        ratio = as_tensor(streams[f"ratio{precision}"], torch.int8, [n, k // group])
+        scales = ratio_scales(ratio, scales, entry["bits"] - precision)
+    zeros = torch.full((n, k // group), midrise_zero(precision), dtype=torch.float16)
     return PackedLinear(n, k, precision, group, sparse, torch.from_numpy(qweight),
                         None if meta is None else torch.from_numpy(meta), scales, zeros)
 
@@ -155,6 +198,6 @@ def _read_at(stream: str, precision: int) -> bool:
     """Whether loading at `precision` reads this stream of an any-precision linear."""
     if stream.startswith("plane"):
         return int(stream[5:]) < precision
-    if stream.startswith(("scales", "zeros")):
-        return stream in (f"scales{precision}", f"zeros{precision}")
+    if stream.startswith("ratio"):
+        return stream == f"ratio{precision}"
     return True

@@ -227,15 +227,16 @@ def stream_sizes(entry: dict) -> dict[str, int]:
 
 def any_precision_sizes(entry: dict) -> dict[str, int]:
     """Raw stream sizes of an any-precision linear: `patterns` (2:4), `plane0`.. (one bit per kept value,
-    most significant plane first), `scales{b}` and `zeros{b}` for each stored precision b."""
+    most significant plane first), `scales` (widest precision) and `ratio{b}` for each narrower one."""
     n, k = entry["shape"]
     group, sparse = entry["group_size"], entry["sparse24"]
     n_codes = k // 2 if sparse else k
     sizes = {"patterns": -(-(n * k // 4) // 3)} if sparse else {}
     for i in range(entry["bits"]):
         sizes[f"plane{i}"] = -(-n * n_codes // 8)
-    for b in entry["precisions"]:
-        sizes[f"scales{b}"] = sizes[f"zeros{b}"] = 2 * n * (k // group)
+    sizes["scales"] = 2 * n * (k // group)  # the widest precision's fp16 scales
+    for b in entry["precisions"][:-1]:
+        sizes[f"ratio{b}"] = n * (k // group)  # int8 log-ratios of the narrower precisions' scales
     return sizes
 
 

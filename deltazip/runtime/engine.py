@@ -3,8 +3,15 @@
 A background thread loops: admit waiting requests (delta loaded, slot pinned, KV tokens reserved), prefill
 them in one flattened batch, then run one decode step for every running sequence — whatever delta each
 uses. Requests finish one by one (stop token/string, max_tokens, context, cancel, error) and free their KV
-tokens and slot pins; a failing request fails alone. Each request's tokens, text and stream live in its
-RequestState (runtime/request.py), decoded incrementally (runtime/detokenizer.py).
+tokens and slot pins. Each request's tokens, text and stream live in its RequestState (runtime/request.py),
+decoded incrementally (runtime/detokenizer.py).
+
+A failing request fails alone: sampling and detokenizing run per request (an exception finishes that
+request with an error), and a batched forward pass that raises is retried one request at a time, so only
+the request whose row fails gets the error (KV writes are idempotent: a cache's length advances only after
+a forward succeeds). Prompts are tokenized on the submitting thread with a tokenizer of their own (never the
+loop's, which detokenizes), after a byte-length bound: a prompt longer than max_context x the longest
+token's UTF-8 bytes cannot fit and is refused before any tokenizer work.
 
 On CUDA the delta layers run the Triton kernel (add_delta_matmul impl "auto"): GPU only — not verified on this
 machine. Everything else (CPU, torch path) is tested here.
@@ -12,8 +19,10 @@ machine. Everything else (CPU, torch path) is tested here.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,8 +61,12 @@ class Engine:
                  eos_token_ids: set[int]) -> None:
         self.model, self.tokenizer, self.pool, self.config = model, tokenizer, pool, config
         self.eos_token_ids = eos_token_ids
-        # fast tokenizers raise "Already borrowed" when encode and decode run on two threads at once
+        # fast tokenizers raise "Already borrowed" when one object is used on two threads at once: the loop
+        # detokenizes with `tokenizer`, submitters encode with a copy, so a long encode never blocks a step
         self._tokenizer_lock = threading.Lock()
+        self._encoder = copy.deepcopy(tokenizer)
+        self._encoder_lock = threading.Lock()
+        self.max_prompt_bytes = config.max_context * max_token_bytes(tokenizer)
         self.device = model.lm_head.weight.device
         self.budget = KVBudget(config.kv_budget_tokens)
         self._waiting: list[RequestState] = []
@@ -125,10 +138,15 @@ class Engine:
         params.validate()
         if not isinstance(request.prompt, str):
             raise RequestError(f"prompt must be a string, not {type(request.prompt).__name__}")
+        # cheap bound before any tokenizer work (a 10 MB prompt would hold a tokenizer for seconds)
+        if len(request.prompt) > self.max_prompt_bytes or (
+                len(request.prompt.encode("utf-8", "surrogatepass")) > self.max_prompt_bytes):
+            raise RequestError(f"prompt is longer than {self.max_prompt_bytes} bytes; the context holds "
+                               f"{self.config.max_context} tokens (prompt + at least one new token)")
         if request.delta is not None:
             self.pool.check_name(request.delta)
-        with self._tokenizer_lock:
-            prompt_ids = self.tokenizer(request.prompt)["input_ids"]
+        with self._encoder_lock:
+            prompt_ids = self._encoder(request.prompt)["input_ids"]
         if not prompt_ids:
             raise RequestError("prompt is empty (no tokens)")
         if len(prompt_ids) >= self.config.max_context:
@@ -214,7 +232,7 @@ class Engine:
                 try:
                     slot = self.pool.acquire(seq.request.delta, seq.load.result())
                 except Exception as e:
-                    self._finish(seq, "error", error=str(e))
+                    self._finish(seq, "error", error=self._public_error(e))
                     continue
                 if slot is None:  # every slot pinned by other deltas: wait
                     self.budget.release(need)
@@ -227,6 +245,14 @@ class Engine:
                 self._waiting.remove(seq)
         return admitted
 
+    def _public_error(self, error: Exception) -> str:
+        """A load error as remote clients may see it: the store's location replaced by <store>, bounded."""
+        text = str(error)
+        store = self.pool.store_dir
+        for path in sorted({str(store), os.path.realpath(store)}, key=len, reverse=True):
+            text = text.replace(path, "<store>")
+        return text if len(text) <= 500 else text[:500] + "…"
+
     def _row_slot(self, seqs: list[RequestState], counts: list[int]) -> torch.Tensor | None:
         if all(s.slot < 0 for s in seqs):
             return None
@@ -236,19 +262,9 @@ class Engine:
     def _prefill(self, seqs: list[RequestState]) -> None:
         if not seqs:
             return
-        counts = [len(s.prompt_ids) for s in seqs]
-        tokens = torch.tensor([t for s in seqs for t in s.prompt_ids], device=self.device)
-        segments = [Segment(s.cache, 0, n) for s, n in zip(seqs, counts, strict=True)]
-        try:
-            logits = self.model(tokens, segments, self._row_slot(seqs, counts))
-        except Exception as e:
-            log.exception("prefill failed")
-            for seq in seqs:
-                self._finish(seq, "error", error=f"prefill failed: {e}")
-            return
-        self.counters["prefill_tokens"] += len(tokens)
         self._running.extend(seqs)
-        for seq, row in zip(seqs, logits, strict=True):
+        for seq, row in self._forward(seqs, prefill=True):
+            self.counters["prefill_tokens"] += len(seq.prompt_ids)
             self._accept(seq, row)
 
     def _decode_step(self) -> None:
@@ -257,19 +273,51 @@ class Engine:
         seqs = [s for s in self._running if s.completion_ids]
         if not seqs:
             return
-        tokens = torch.tensor([s.completion_ids[-1] for s in seqs], device=self.device)
-        segments = [Segment(s.cache, s.cache.length, 1) for s in seqs]
-        logits = self.model(tokens, segments, self._row_slot(seqs, [1] * len(seqs)))
         self.counters["decode_steps"] += 1
         self.counters["peak_decode_batch"] = max(self.counters["peak_decode_batch"], len(seqs))
         distinct = len({s.slot for s in seqs})
         self.counters["peak_decode_deltas"] = max(self.counters["peak_decode_deltas"], distinct)
-        for seq, row in zip(seqs, logits, strict=True):
+        for seq, row in self._forward(seqs, prefill=False):
             self._accept(seq, row)
+
+    def _forward(self, seqs: list[RequestState], prefill: bool) -> list[tuple[RequestState, torch.Tensor]]:
+        """Logits of the next token of each sequence: one batched pass; if it raises, one pass per sequence,
+        and a sequence whose own pass raises finishes with the error (the others go on)."""
+        try:
+            return list(zip(seqs, self._run_model(seqs, prefill), strict=True))
+        except Exception as e:
+            if len(seqs) == 1:
+                log.exception("forward pass failed")
+                self._finish(seqs[0], "error", error=f"{'prefill' if prefill else 'decode'} failed: {e}")
+                return []
+            log.warning("batched forward pass failed (%s); retrying its %d requests one by one", e, len(seqs))
+        out = []
+        for seq in seqs:
+            out += self._forward([seq], prefill)
+        return out
+
+    def _run_model(self, seqs: list[RequestState], prefill: bool) -> torch.Tensor:
+        if prefill:
+            counts = [len(s.prompt_ids) for s in seqs]
+            tokens = torch.tensor([t for s in seqs for t in s.prompt_ids], device=self.device)
+            segments = [Segment(s.cache, 0, n) for s, n in zip(seqs, counts, strict=True)]
+        else:
+            counts = [1] * len(seqs)
+            tokens = torch.tensor([s.completion_ids[-1] for s in seqs], device=self.device)
+            segments = [Segment(s.cache, s.cache.length, 1) for s in seqs]
+        return self.model(tokens, segments, self._row_slot(seqs, counts))
 
     # -- sampling and finishing -------------------------------------------------------------------------
     def _accept(self, seq: RequestState, logits: torch.Tensor) -> None:
-        """Sample the next token of `seq`; finish it when EOS, a stop string or a length limit is reached."""
+        """Sample the next token of `seq`; finish it when EOS, a stop string or a length limit is reached.
+        Any exception (sampling, detokenizing) finishes `seq` alone with an error."""
+        try:
+            self._sample(seq, logits)
+        except Exception as e:
+            log.exception("request failed while sampling")
+            self._finish(seq, "error", error=f"sampling failed: {e}")
+
+    def _sample(self, seq: RequestState, logits: torch.Tensor) -> None:
         token = sample_next(logits, seq.request.params, seq.generator)
         if token in self.eos_token_ids:
             self._finish(seq, "stop")
@@ -303,6 +351,17 @@ class Engine:
         key = {"error": "errors", "cancelled": "cancelled"}.get(reason, "finished")
         self.counters[key] += 1
         seq.handle._finish(result)
+
+
+def max_token_bytes(tokenizer) -> int:
+    """UTF-8 bytes of the longest token text (at least 4: one unknown character); a prompt longer than
+    max_context times this cannot fit. Vocab strings (▁ for a space, Ġ for a byte, <0x..> fallbacks) are never
+    shorter than the text they stand for, so the bound is safe for SentencePiece and byte-level BPE."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001 - a tokenizer without a vocab view: a generous fixed bound
+        return 64
+    return max([4, *(len(t.encode("utf-8", "surrogatepass")) for t in vocab)])
 
 
 def _eos_token_ids(base_dir: Path, tokenizer) -> set[int]:

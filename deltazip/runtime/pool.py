@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from deltazip.errors import RequestError
+from deltazip.errors import RequestError, shorten
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ARTIFACT_SUFFIX = ".dz"
@@ -55,7 +55,7 @@ class DeltaPool:
         self._slot_of: OrderedDict[tuple, int] = OrderedDict()  # resident versions, least recently used first
         self._slot_bytes: dict[tuple, int] = {}
         self._pins: dict[tuple, int] = {}
-        self._retired: set[tuple] = set()  # old versions still pinned: dropped when their last use ends
+        self._retired: set[tuple] = set()  # replaced versions: never cached again, dropped at their last use
         self._blocked: set[str] = set()  # names being removed: new requests are refused
         self.counters = {"hits": 0, "misses": 0, "evictions": 0, "host_hits": 0, "host_misses": 0,
                          "host_evictions": 0, "disk_loads": 0, "disk_load_s": 0.0, "slot_loads": 0,
@@ -83,12 +83,13 @@ class DeltaPool:
     def check_name(self, name: str) -> None:
         """Raise RequestError unless `name` is a valid delta name present in the store (and not blocked)."""
         if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
-            raise RequestError(f"invalid delta name {name!r}: use letters, digits, '.', '_' or '-'")
+            raise RequestError(f"invalid delta name {shorten(name)}: use up to 128 letters, digits, '.', '_' "
+                               f"or '-'")
         if name in self._blocked:
             raise RequestError(f"unknown delta '{name}': it is being removed")
         if not (self.store_dir / f"{name}{ARTIFACT_SUFFIX}" / "manifest.json").is_file():
-            known = ", ".join(self.names()) or "none"
-            raise RequestError(f"unknown delta '{name}' in {self.store_dir} (known: {known})")
+            # the answer goes to remote clients: neither the store's path nor the other names
+            raise RequestError(f"unknown delta '{name}': the store has no such variant")
 
     def identity(self, name: str) -> tuple:
         """The key of the version of `name` the store holds now: (name, real path, then inode, size and mtime
@@ -102,7 +103,7 @@ class DeltaPool:
         try:
             st = os.stat(os.path.join(real, "manifest.json"))
         except OSError:
-            raise RequestError(f"unknown delta '{name}' in {self.store_dir}") from None
+            raise RequestError(f"unknown delta '{name}': the store has no such variant") from None
         if not self._inside_store(entry):
             raise RequestError(f"delta '{name}' refused: its store entry points outside the store")
         try:
@@ -304,7 +305,6 @@ class DeltaPool:
             self.uninstall(self._slot_of.pop(key))
         self._slot_bytes.pop(key, None)
         self._pins.pop(key, None)
-        self._retired.discard(key)
 
     def _drop_host(self, key: tuple) -> None:
         if key in self._host:
@@ -356,13 +356,11 @@ class DeltaPool:
                 pass
         with self._lock:
             for key in old:
+                self._retired.add(key)  # a request still waiting with it installs it; its release drops it
                 self._drop_host(key)
-                if key in self._slot_of:
-                    if self._pins.get(key, 0) > 0:
-                        self._retired.add(key)
-                    else:
-                        self._drop_slot(key)
-                        self.counters["evictions"] += 1
+                if key in self._slot_of and self._pins.get(key, 0) == 0:
+                    self._drop_slot(key)
+                    self.counters["evictions"] += 1
         return len(old)
 
     def block(self, name: str) -> None:

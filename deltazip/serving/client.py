@@ -39,7 +39,15 @@ def _params(max_tokens: int | None, temperature: float | None, top_p: float | No
             seed: int | None, stop: list[str] | None) -> dict:
     values = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
               "seed": seed, "stop": list(stop) if stop else None}
+    # the model's inputs are INT32 (UINT64 for seed): tritonserver would wrap a larger value silently (HTTP)
+    for name, (low, high) in _INT_RANGES.items():
+        value = values[name]
+        if value is not None and not low <= value <= high:
+            raise ClientError(f"{name} must be in [{low}, {high}], got {value}")
     return {k: v for k, v in values.items() if v is not None}
+
+
+_INT_RANGES = {"max_tokens": (-2**31, 2**31 - 1), "top_k": (-2**31, 2**31 - 1), "seed": (0, 2**64 - 1)}
 
 
 _GRPC_TYPES = {

@@ -3,6 +3,14 @@
 How it runs on a CPU-only machine: venv bin first on PATH, the interpreter's LIBDIR on
 LD_LIBRARY_PATH, the Python stub copied into backends/python/, explicit model control, loopback binds,
 a unique shm prefix per server (so leftovers can be removed), SIGINT to stop.
+
+Supervision (`supervise`, used by `deltazip serve`): when the model's Python stub process dies, tritonserver
+2.51 keeps /v2/health/ready at 200, never answers the stub's in-flight decoupled requests, fails each new
+one after about a second ("Stub process ... is not healthy"), and an unload of the model hangs in UNLOADING.
+So the launcher polls the stub (every 0.5 s) and on its death kills tritonserver — its in-flight requests get
+an error at once (the connections close) and readiness is false while it is down — then starts it again on
+the same ports. The same happens when tritonserver itself dies. More than `max_restarts` restarts within
+`window_s` and `deltazip serve` gives up: one error line, exit code 2.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +95,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
-    """Raise a clear error when `port` cannot be bound on `host` (checked before the server starts)."""
+    """Raise a clear error when `port` cannot be bound on `host` (checked before the server starts).
+
+    With SO_REUSEADDR, as tritonserver's own listeners bind: connections of a server that just exited linger
+    in TIME_WAIT on the port for a minute and must not count as "in use"; a listener still does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -95,7 +108,8 @@ def check_port_free(host: str, port: int, flag: str) -> None:
 
 
 def server_env(paths: TritonPaths) -> dict[str, str]:
-    """Environment for tritonserver and its Python stubs (PATH and LD_LIBRARY_PATH for the bundled binary and its stubs)."""
+    """Environment for tritonserver and its Python stubs (PATH and LD_LIBRARY_PATH for the bundled binary
+    and its stubs)."""
     env = dict(os.environ)
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
@@ -206,7 +220,7 @@ class TritonServer:
             os.close(fd)
             self.log_path = Path(name)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:  # a restart appends: the crash stays readable
             self.process = subprocess.Popen(
                 self.command(paths), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self._env(paths), cwd=self.build_dir, start_new_session=True,
@@ -258,10 +272,32 @@ class TritonServer:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self) -> int | None:
-        """SIGINT, wait (then SIGKILL), then remove leftover shm regions and stubs of this server."""
+    def fault(self) -> str | None:
+        """Why this server cannot answer requests any more (tritonserver exited, or the model's Python stub
+        died), or None while both run. Cheap enough to poll every fraction of a second."""
+        if self.process is None:
+            return "tritonserver is not started"
+        if self.process.poll() is not None:
+            return f"tritonserver exited with code {self.process.returncode}"
+        if not stub_pids(self.shm_prefix):
+            return f"the Python stub process of {MODEL_NAME} died"
+        return None
+
+    def restart(self) -> TritonServer:
+        """Kill this server at once (its in-flight requests get errors), then start it on the same ports."""
+        self.stop(kill=True)
+        self.process = None
+        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"
+        return self.start()
+
+    def stop(self, kill: bool = False) -> int | None:
+        """SIGINT, wait (then SIGKILL), then remove leftover shm regions and stubs of this server.
+        kill=True: SIGKILL at once (a server whose stub died cannot shut down cleanly)."""
         if self.process is None:
             return None
+        if self.process.poll() is None and kill:
+            self.process.kill()
+            self.process.wait()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
@@ -286,3 +322,27 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def supervise(server: TritonServer, report: Callable[[str], None] = print, poll_s: float = 0.5,
+              max_restarts: int = 3, window_s: float = 600.0) -> None:
+    """Watch a started server until interrupted: when tritonserver or its model's stub dies, report one
+    line and restart it on the same ports; raise ServerError after more than `max_restarts` restarts within
+    `window_s` (or when a restart fails). Returns never; Ctrl-C (KeyboardInterrupt) ends it."""
+    restarts: list[float] = []
+    while True:
+        time.sleep(poll_s)
+        fault = server.fault()
+        if fault is None:
+            continue
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < window_s] + [now]
+        if len(restarts) > max_restarts:
+            server.stop(kill=True)
+            raise ServerError(f"{fault}; {len(restarts) - 1} restarts in the last {window_s:.0f} s already, "
+                              f"giving up; last log lines:\n{server.log_tail()}")
+        report(f"{fault}: restarting tritonserver on the same ports (in-flight requests get an error; "
+               f"log: {server.log_path})")
+        started = time.monotonic()
+        server.restart()
+        report(f"{MODEL_NAME} is ready again after {time.monotonic() - started:.1f} s")

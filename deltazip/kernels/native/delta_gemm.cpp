@@ -362,21 +362,24 @@ DZ_AVX2 void direct_dispatch(const Problem& p, const Seg& seg, int64_t n0, int64
 
 // ------------------------------------------------------------------------------- LUT path (2-bit 2:4)
 
-// The 6 patterns of 2 kept positions out of 4 (ascending) and the pattern of each 4-bit positions nibble
-// p0 + 4*p1 (-1: not a valid pair).
+// The 6 patterns of 2 kept positions out of 4 (ascending); a positions nibble p0 + 4*p1 maps to one.
 constexpr int PAT_P0[6] = {0, 0, 0, 1, 1, 2};
 constexpr int PAT_P1[6] = {1, 2, 3, 2, 3, 3};
-constexpr int LUT_STRIDE = 96;  // entries per group: pattern * 16 + (c0 + 4 * c1)
+constexpr int LUT_STRIDE = 96;  // entries per group of 4 inputs: pattern * 16 + (c0 + 4 * c1)
 
-int8_t pattern_of_nibble(int nib) {
-  for (int t = 0; t < 6; ++t)
-    if (PAT_P0[t] + 4 * PAT_P1[t] == nib) return (int8_t)t;
-  return -1;
-}
+// PAT.v[nibble] = pattern * 16 (twice, for the two 128-bit lanes of vpshufb); an invalid nibble, which
+// no writer produces, reads pattern 0.
+struct PatTable {
+  alignas(32) uint8_t v[32];
+  PatTable() {
+    std::memset(v, 0, sizeof(v));
+    for (int t = 0; t < 6; ++t) v[PAT_P0[t] + 4 * PAT_P1[t]] = v[16 + PAT_P0[t] + 4 * PAT_P1[t]] = (uint8_t)(16 * t);
+  }
+};
+const PatTable PAT;
 
-// Per activation row: table[g*96 + pat*16 + c0 + 4*c1] = (c0 - z)*x[4g+p0] + (c1 - z)*x[4g+p1] with a
-// slot-wide zero z (the writer's symmetric grid); rows whose zero differs use the per-row correction
-// table psum[g*6 + pat] = x[4g+p0] + x[4g+p1].
+// Per activation row: table[g*96 + pat*16 + c0 + 4*c1] = (c0 - z)*x[4g+p0] + (c1 - z)*x[4g+p1] with the
+// segment's reference zero z; psum[g*6 + pat] = x[4g+p0] + x[4g+p1] corrects rows whose zero differs.
 void build_lut(const float* x, int64_t K, float z, float* table, float* psum) {
   for (int64_t g = 0; g < K / 4; ++g) {
     const float* xg = x + 4 * g;
@@ -384,53 +387,86 @@ void build_lut(const float* x, int64_t K, float z, float* table, float* psum) {
     for (int pat = 0; pat < 6; ++pat) {
       const float a = xg[PAT_P0[pat]], b = xg[PAT_P1[pat]];
       psum[g * 6 + pat] = a + b;
+      float ca[4], cb[4];
+      for (int c = 0; c < 4; ++c) { ca[c] = ((float)c - z) * a; cb[c] = ((float)c - z) * b; }
       for (int c1 = 0; c1 < 4; ++c1)
-        for (int c0 = 0; c0 < 4; ++c0) t[pat * 16 + c0 + 4 * c1] = ((float)c0 - z) * a + ((float)c1 - z) * b;
+        for (int c0 = 0; c0 < 4; ++c0) t[pat * 16 + c0 + 4 * c1] = ca[c0] + cb[c1];
     }
   }
 }
 
-// out rows [n0, n1) for the segment's rows; tables [count][K/4*96], psums [count][K/4*6].
-void lut_rows(const Problem& p, const Seg& seg, int64_t n0, int64_t n1, float z, const float* tables,
-              const float* psums) {
-  static int8_t pat_of[16];
-  static bool init = [] { for (int i = 0; i < 16; ++i) pat_of[i] = pattern_of_nibble(i); return true; }();
-  (void)init;
+// Table index of every group of one delta row: idx[g] = pattern * 16 + codes nibble (groups in order).
+// Byte b of the codes words holds the codes nibbles of groups 2b (low) and 2b+1 (high); same for meta.
+void lut_index_scalar(const uint8_t* q, const uint8_t* m, int64_t bytes, uint8_t* idx) {
+  for (int64_t b = 0; b < bytes; ++b) {
+    idx[2 * b] = (uint8_t)(PAT.v[m[b] & 15] | (q[b] & 15));
+    idx[2 * b + 1] = (uint8_t)(PAT.v[m[b] >> 4] | (q[b] >> 4));
+  }
+}
+
+DZ_AVX2 void lut_index_avx2(const uint8_t* q, const uint8_t* m, int64_t bytes, uint8_t* idx) {
+  const __m256i lo = _mm256_set1_epi8(15);
+  const __m256i pat = _mm256_load_si256(reinterpret_cast<const __m256i*>(PAT.v));
+  int64_t b = 0;
+  for (; b + 32 <= bytes; b += 32) {
+    const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b));
+    const __m256i mv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + b));
+    const __m256i even = _mm256_or_si256(_mm256_shuffle_epi8(pat, _mm256_and_si256(mv, lo)),
+                                         _mm256_and_si256(qv, lo));
+    const __m256i odd = _mm256_or_si256(_mm256_shuffle_epi8(pat, _mm256_and_si256(_mm256_srli_epi16(mv, 4), lo)),
+                                        _mm256_and_si256(_mm256_srli_epi16(qv, 4), lo));
+    // interleave even/odd bytes back into group order (unpack works per 128-bit lane: fix the lane order)
+    const __m256i a = _mm256_unpacklo_epi8(even, odd), c = _mm256_unpackhi_epi8(even, odd);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + 2 * b), _mm256_permute2x128_si256(a, c, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + 2 * b + 32), _mm256_permute2x128_si256(a, c, 0x31));
+  }
+  lut_index_scalar(q + b, m + b, bytes - b, idx + 2 * b);
+}
+
+// One whole segment (all output rows) on the calling thread: its rows' tables stay in this core's cache.
+void lut_segment(const Problem& p, const Seg& seg, bool avx2, std::vector<float>& tables,
+                 std::vector<float>& psums, std::vector<uint8_t>& idx) {
   const int64_t groups = p.K / 4, per_scale = p.group / 4;
-  std::vector<uint8_t> idx(groups), pat(groups);
-  std::vector<float> part(p.G), corr(p.G);
-  for (int64_t n = n0; n < n1; ++n) {
+  const float z = half_to_float(p.ze[seg.slot * p.N * p.G]);
+  tables.resize(seg.count * groups * LUT_STRIDE);
+  psums.resize(seg.count * groups * 6);
+  idx.resize(groups + 64);
+  for (int64_t r = 0; r < seg.count; ++r)
+    build_lut(p.x + seg.rows[r] * p.sx, p.K, z, tables.data() + r * groups * LUT_STRIDE,
+              psums.data() + r * groups * 6);
+  for (int64_t n = 0; n < p.N; ++n) {
     const int64_t row = seg.slot * p.N + n;
-    const uint32_t* qr = reinterpret_cast<const uint32_t*>(p.q + row * p.W);
-    const uint32_t* mr = reinterpret_cast<const uint32_t*>(p.m + row * p.MW);
+    const uint8_t* qb = reinterpret_cast<const uint8_t*>(p.q + row * p.W);
+    const uint8_t* mb = reinterpret_cast<const uint8_t*>(p.m + row * p.MW);
+    if (avx2) lut_index_avx2(qb, mb, groups / 2, idx.data());
+    else lut_index_scalar(qb, mb, groups / 2, idx.data());
+    const uint16_t* zr = p.ze + row * p.G;
+    const uint16_t* sr = p.sc + row * p.G;
     bool uniform = true;
-    for (int64_t g = 0; g < p.G; ++g) uniform &= half_to_float(p.ze[row * p.G + g]) == z;
-    for (int64_t g = 0; g < groups; ++g) {  // nibble g of the codes and of the positions
-      const uint32_t cn = (qr[g >> 3] >> ((g & 7) * 4)) & 15, pn = (mr[g >> 3] >> ((g & 7) * 4)) & 15;
-      const int8_t t = pat_of[pn];
-      pat[g] = (uint8_t)(t < 0 ? 0 : t);  // invalid pairs never come from a writer; treated as pattern 0
-      idx[g] = (uint8_t)(pat[g] * 16 + cn);
-    }
+    for (int64_t g = 0; g < p.G; ++g) uniform &= half_to_float(zr[g]) == z;
     for (int64_t r = 0; r < seg.count; ++r) {
-      const float* table = tables + r * groups * LUT_STRIDE;
+      const float* table = tables.data() + r * groups * LUT_STRIDE;
+      const uint8_t* ix = idx.data();
       float total = 0.f;
       for (int64_t sg = 0; sg < p.G; ++sg) {
-        float a0 = 0.f, a1 = 0.f;
         const int64_t g0 = sg * per_scale, g1 = g0 + per_scale;
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
         int64_t g = g0;
-        for (; g + 2 <= g1; g += 2) {
-          a0 += table[g * LUT_STRIDE + idx[g]];
-          a1 += table[(g + 1) * LUT_STRIDE + idx[g + 1]];
+        for (; g + 4 <= g1; g += 4) {
+          a0 += table[g * LUT_STRIDE + ix[g]];
+          a1 += table[(g + 1) * LUT_STRIDE + ix[g + 1]];
+          a2 += table[(g + 2) * LUT_STRIDE + ix[g + 2]];
+          a3 += table[(g + 3) * LUT_STRIDE + ix[g + 3]];
         }
-        for (; g < g1; ++g) a0 += table[g * LUT_STRIDE + idx[g]];
-        float sum = a0 + a1;
+        for (; g < g1; ++g) a0 += table[g * LUT_STRIDE + ix[g]];
+        float sum = (a0 + a1) + (a2 + a3);
         if (!uniform) {  // (c - z_row) = (c - z) - (z_row - z): subtract (z_row - z) * Σ x at kept positions
-          const float* ps = psums + r * groups * 6;
+          const float* ps = psums.data() + r * groups * 6;
           float c = 0.f;
-          for (g = g0; g < g1; ++g) c += ps[g * 6 + pat[g]];
-          sum -= (half_to_float(p.ze[row * p.G + sg]) - z) * c;
+          for (g = g0; g < g1; ++g) c += ps[g * 6 + (ix[g] >> 4)];
+          sum -= (half_to_float(zr[sg]) - z) * c;
         }
-        total += sum * half_to_float(p.sc[row * p.G + sg]);
+        total += sum * half_to_float(sr[sg]);
       }
       p.out[seg.rows[r] * p.so + n] += total;
     }
@@ -446,13 +482,12 @@ void run_segments(const Problem& p, const std::vector<Seg>& segs, Strategy force
   const bool avx2 = use_avx2();
   const int64_t dense_rows = env_int("DELTAZIP_NATIVE_DENSE_ROWS", 48);
   const int64_t lut_rows_max = env_int("DELTAZIP_NATIVE_LUT_ROWS", 0);
-  // Work items: (segment, block of output rows), each writes its own part of out.
+  // Work items: (segment, block of output rows) for direct/scalar, a whole segment for LUT; each item
+  // writes its own part of out.
   constexpr int64_t BLOCK_N = 64;
   struct Item { int64_t seg, n0, n1; };
   std::vector<Item> items;
   std::vector<Strategy> strategy(segs.size());
-  std::vector<int64_t> lut_base(segs.size(), -1);
-  int64_t lut_rows_total = 0;
   for (size_t i = 0; i < segs.size(); ++i) {
     Strategy st = forced;
     if (st == AUTO) {
@@ -461,44 +496,26 @@ void run_segments(const Problem& p, const std::vector<Seg>& segs, Strategy force
     }
     if (st == LUT && !lut_ok(p)) st = DIRECT;
     strategy[i] = st;
-    if (st == LUT) { lut_base[i] = lut_rows_total; lut_rows_total += segs[i].count; }
     if (st == DENSE) continue;  // run below, one tile at a time, BLAS-parallel
+    if (st == LUT) { items.push_back({(int64_t)i, 0, p.N}); continue; }
     for (int64_t n0 = 0; n0 < p.N; n0 += BLOCK_N) items.push_back({(int64_t)i, n0, std::min(p.N, n0 + BLOCK_N)});
   }
-  // LUT tables per (segment row), built in parallel before the GEMV items.
-  const int64_t groups = p.K / 4;
-  std::vector<float> tables, psums, zref(segs.size(), 0.f);
-  if (lut_rows_total) {
-    tables.resize(lut_rows_total * groups * LUT_STRIDE);
-    psums.resize(lut_rows_total * groups * 6);
-    std::vector<std::pair<int64_t, int64_t>> build;  // (segment, row in segment)
-    for (size_t i = 0; i < segs.size(); ++i) {
-      if (strategy[i] != LUT) continue;
-      zref[i] = half_to_float(p.ze[segs[i].slot * p.N * p.G]);
-      for (int64_t r = 0; r < segs[i].count; ++r) build.push_back({(int64_t)i, r});
-    }
-    const int nt = thread_count((int64_t)build.size());
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t b = 0; b < (int64_t)build.size(); ++b) {
-      const auto [i, r] = build[b];
-      const int64_t at = lut_base[i] + r;
-      build_lut(p.x + segs[i].rows[r] * p.sx, p.K, zref[i], tables.data() + at * groups * LUT_STRIDE,
-                psums.data() + at * groups * 6);
-    }
-  }
   const int nt = thread_count((int64_t)items.size());
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
-  for (int64_t it = 0; it < (int64_t)items.size(); ++it) {
-    const Item& item = items[it];
-    const Seg& seg = segs[item.seg];
-    if (strategy[item.seg] == LUT) {
-      const int64_t at = lut_base[item.seg];
-      lut_rows(p, seg, item.n0, item.n1, zref[item.seg], tables.data() + at * groups * LUT_STRIDE,
-               psums.data() + at * groups * 6);
-    } else if (avx2 && direct_ok(p)) {
-      direct_dispatch(p, seg, item.n0, item.n1);
-    } else {
-      scalar_block(p, seg, item.n0, item.n1);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> tables, psums;
+    std::vector<uint8_t> idx;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < (int64_t)items.size(); ++it) {
+      const Item& item = items[it];
+      const Seg& seg = segs[item.seg];
+      if (strategy[item.seg] == LUT) {
+        lut_segment(p, seg, avx2, tables, psums, idx);
+      } else if (avx2 && direct_ok(p)) {
+        direct_dispatch(p, seg, item.n0, item.n1);
+      } else {
+        scalar_block(p, seg, item.n0, item.n1);
+      }
     }
   }
   // Dense strategy: decode tiles of output rows (parallel), then one BLAS GEMM per tile.
