@@ -204,3 +204,36 @@ def test_any_precision_bad_settings(synthetic, tmp_path):
         with pytest.raises(DeltazipError, match="any-precision"):
             compress_model(synthetic / "base", synthetic / "ft", tmp_path / "x.dz", settings,
                            calib=synthetic / "calib.jsonl")
+
+
+def test_precision_is_a_per_variant_metric():
+    from deltazip.serving.metrics import ServingMetrics
+
+    values: dict = {}
+
+    class Family:
+        COUNTER, GAUGE = "counter", "gauge"
+
+        def __init__(self, name, description, kind):
+            self.name = name
+
+        def Metric(self, labels):  # noqa: N802 - the Python backend's spelling
+            family = self
+
+            class Metric:
+                def set(self, value):
+                    values[family.name, labels.get("variant")] = value
+
+                def increment(self, value):
+                    key = (family.name, labels.get("variant"))
+                    values[key] = values.get(key, 0) + value
+
+            return Metric()
+
+    class PbUtils:
+        MetricFamily = Family
+
+    metrics = ServingMetrics(PbUtils)
+    pool = {"per_variant": {"ap": {"swap_ins": 1, "precision_bits": 3}}}
+    metrics.refresh({"pool": pool}, {"ap": {"device": 10, "host": 0}}, {}, ["ap"])
+    assert values["deltazip_variant_precision_bits", "ap"] == 3.0

@@ -1,4 +1,4 @@
-"""The package's shape: imports run one way between layers, no import circle, no oversized module without a reason.
+"""The package's shape: imports run one way, no import circle, no oversized module without a reason.
 
 The layers are the ones docs/internals.md draws; an import (at module level or inside a function) may only
 point to the same layer or a lower one.

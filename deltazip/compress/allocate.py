@@ -27,6 +27,7 @@ CANDIDATES: tuple[tuple[int, str], ...] = (
 )
 PROBE = (2, "0.9")  # the layout whose end-to-end effect calibrates each tensor's sensitivity
 SENSITIVITY_SEQUENCES = 64  # calibration windows the sensitivity KL is measured on
+SENSITIVITY_MAX_PARAMS = 1_500_000_000  # above this the fine-tune is not loaded whole: relative error only
 # bytes the manifest and payload header may grow by beyond the estimate (stream lists and digits differ)
 HEADER_MARGIN = 512
 

@@ -254,9 +254,14 @@ def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.T
         return base.get(param), target.get(param)
 
     quick = dataclasses.replace(settings, tune_steps=0)
+    sensitivity = None  # measuring loads the whole fine-tune: small models only (else relative error)
+    if fp16_bytes // 2 <= alloc.SENSITIVITY_MAX_PARAMS:
+        sensitivity = alloc.Sensitivity(target.dir, tokens)
+    else:
+        log.info("budget allocation: %d parameters, above %d: relative output error without the measured "
+                 "sensitivity", fp16_bytes // 2, alloc.SENSITIVITY_MAX_PARAMS)
     _compress_sequential(base, target, tokens, quick, scratch_linears, scratch_exact, plain_delta,
-                         lambda: None, solver=_Solver(quick, profile=profile,
-                                                      sensitivity=alloc.Sensitivity(target.dir, tokens)))
+                         lambda: None, solver=_Solver(quick, profile=profile, sensitivity=sensitivity))
     overhead = alloc.overhead_bytes(scratch_linears, scratch_exact, info)
     alloc.check_reachable(fp16_bytes, budget, overhead, profile, settings.target_ratio, settings.budget_bytes)
     linear_budget = budget - overhead

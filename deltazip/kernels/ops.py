@@ -127,19 +127,21 @@ def segments(row_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return order[first:].to(torch.int32), seg_start, seg_slot.to(torch.int32)
 
 
-_seg_cache: tuple = (None, None)  # (copy of the last row_slot, its segments); replaced whole (threads)
+_seg_cache: tuple = (None, None)  # (copy of the last row_slot, its plan); replaced whole (threads)
 
 
-def _cached_segments(row_slot: torch.Tensor):
-    """segments(row_slot), reused while the same layout comes back (every delta layer of one step)."""
+def _cached_segments(row_slot: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], int, int]:
+    """(segments(row_slot), lowest, highest slot), reused while the same layout comes back (every delta
+    layer of one step sees the same row_slot)."""
     global _seg_cache
-    last, segs = _seg_cache
+    last, plan = _seg_cache
     if (last is not None and last.shape == row_slot.shape and last.device == row_slot.device
             and torch.equal(last, row_slot)):
-        return segs
-    segs = segments(row_slot)
-    _seg_cache = (row_slot.clone(), segs)
-    return segs
+        return plan
+    lowest, highest = (int(v) for v in torch.aminmax(row_slot))
+    plan = (segments(row_slot), lowest, highest)
+    _seg_cache = (row_slot.clone(), plan)
+    return plan
 
 
 def add_delta_matmul(out: torch.Tensor, x: torch.Tensor, slots: DeltaSlots, row_slot: torch.Tensor,
@@ -167,12 +169,9 @@ def add_delta_matmul(out: torch.Tensor, x: torch.Tensor, slots: DeltaSlots, row_
 
         triton_add_delta_matmul(out, x, slots, row_slot)
         return out
-    seg_rows, seg_start, seg_slot = _cached_segments(row_slot)
-    if seg_slot.numel() and (int(seg_slot[0]) < -1 or int(seg_slot[-1]) >= slots.num_slots):
-        raise ValueError(f"row_slot values must lie in [-1, {slots.num_slots}), got "
-                         f"[{int(seg_slot[0])}, {int(seg_slot[-1])}]")
-    if row_slot.numel() > seg_rows.numel() and int(row_slot.min()) < -1:
-        _check_row_slot(row_slot, slots)
+    (seg_rows, seg_start, seg_slot), lowest, highest = _cached_segments(row_slot)
+    if lowest < -1 or highest >= slots.num_slots:
+        raise ValueError(f"row_slot values must lie in [-1, {slots.num_slots}), got [{lowest}, {highest}]")
     args = (out, x, slots.qweight, slots.meta, slots.scales, slots.zeros, seg_rows, seg_start, seg_slot,
             slots.bits, slots.group_size)
     if impl == "torch":

@@ -139,49 +139,83 @@ struct Seg {
 
 // ------------------------------------------------------------------------------------------ scalar path
 
-// out rows [n0, n1) of one segment, rows r0..r0+nr of the segment (any layout, any group size).
-void scalar_block(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
-  const int vpw = 32 / p.bits;
-  const uint32_t mask = (1u << p.bits) - 1;
-  std::vector<float> acc(seg.count);
+void halves_to_floats_scalar(const uint16_t* h, int64_t n, float* f) {
+  for (int64_t i = 0; i < n; ++i) f[i] = half_to_float(h[i]);
+}
+
+// Calls fn(dense column, value) for every kept value of one delta row (any layout, any group size):
+// walks the scale groups when a 2:4 group of 4 never straddles two of them, else divides per value.
+template <int BITS, typename Fn>
+inline void for_each_kept(const Problem& p, const int32_t* qr, const int32_t* mr, const float* zr,
+                          const float* sr, Fn&& fn) {
+  constexpr int VPW = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  auto code = [&](int64_t j) { return ((uint32_t)qr[j / VPW] >> ((j % VPW) * BITS)) & MASK; };
+  auto column = [&](int64_t j) {
+    return p.sparse ? (j / 2) * 4 + (int64_t)(((uint32_t)mr[j / 16] >> ((j % 16) * 2)) & 3) : j;
+  };
+  if (!p.sparse || p.group % 4 == 0) {
+    const int64_t kept_per_group = p.sparse ? p.group / 2 : p.group;
+    int64_t j = 0;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float s = sr[g], z = zr[g];
+      for (const int64_t end = j + kept_per_group; j < end; ++j) fn(column(j), ((float)code(j) - z) * s);
+    }
+  } else {
+    for (int64_t j = 0; j < p.C; ++j) {
+      const int64_t col = column(j), g = col / p.group;
+      fn(col, ((float)code(j) - zr[g]) * sr[g]);
+    }
+  }
+}
+
+// out rows [n0, n1) of one segment, every row of the segment (any layout, any group size).
+template <int BITS>
+void scalar_block_t(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
+  std::vector<float> acc(seg.count), sz(2 * p.G);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t row = seg.slot * p.N + n;
-    const int32_t* qr = p.q + row * p.W;
-    const int32_t* mr = p.sparse ? p.m + row * p.MW : nullptr;
-    const uint16_t* sr = p.sc + row * p.G;
-    const uint16_t* zr = p.ze + row * p.G;
+    halves_to_floats_scalar(p.ze + row * p.G, p.G, sz.data());
+    halves_to_floats_scalar(p.sc + row * p.G, p.G, sz.data() + p.G);
     std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t j = 0; j < p.C; ++j) {
-      const uint32_t c = ((uint32_t)qr[j / vpw] >> ((j % vpw) * p.bits)) & mask;
-      int64_t col = j;
-      if (p.sparse) col = (j / 2) * 4 + (((uint32_t)mr[j / 16] >> ((j % 16) * 2)) & 3);
-      const int64_t g = col / p.group;
-      const float v = ((float)c - half_to_float(zr[g])) * half_to_float(sr[g]);
-      for (int64_t r = 0; r < seg.count; ++r) acc[r] += v * p.x[seg.rows[r] * p.sx + col];
-    }
+    for_each_kept<BITS>(p, p.q + row * p.W, p.sparse ? p.m + row * p.MW : nullptr, sz.data(),
+                        sz.data() + p.G, [&](int64_t col, float v) {
+                          for (int64_t r = 0; r < seg.count; ++r) acc[r] += v * p.x[seg.rows[r] * p.sx + col];
+                        });
     for (int64_t r = 0; r < seg.count; ++r) p.out[seg.rows[r] * p.so + n] += acc[r];
   }
 }
 
-// Dense fp32 rows [n0, n1) of the segment's slot into buf [n1 - n0, K] (scalar decode).
-void decode_rows(const Problem& p, int64_t slot, int64_t n0, int64_t n1, float* buf) {
-  const int vpw = 32 / p.bits;
-  const uint32_t mask = (1u << p.bits) - 1;
+// Dense fp32 rows [n0, n1) of the slot into buf [n1 - n0, K].
+template <int BITS>
+void decode_rows_t(const Problem& p, int64_t slot, int64_t n0, int64_t n1, float* buf) {
+  std::vector<float> sz(2 * p.G);
   for (int64_t n = n0; n < n1; ++n) {
     float* d = buf + (n - n0) * p.K;
     std::memset(d, 0, sizeof(float) * p.K);
     const int64_t row = slot * p.N + n;
-    const int32_t* qr = p.q + row * p.W;
-    const int32_t* mr = p.sparse ? p.m + row * p.MW : nullptr;
-    const uint16_t* sr = p.sc + row * p.G;
-    const uint16_t* zr = p.ze + row * p.G;
-    for (int64_t j = 0; j < p.C; ++j) {
-      const uint32_t c = ((uint32_t)qr[j / vpw] >> ((j % vpw) * p.bits)) & mask;
-      int64_t col = j;
-      if (p.sparse) col = (j / 2) * 4 + (((uint32_t)mr[j / 16] >> ((j % 16) * 2)) & 3);
-      const int64_t g = col / p.group;
-      d[col] = ((float)c - half_to_float(zr[g])) * half_to_float(sr[g]);
-    }
+    halves_to_floats_scalar(p.ze + row * p.G, p.G, sz.data());
+    halves_to_floats_scalar(p.sc + row * p.G, p.G, sz.data() + p.G);
+    for_each_kept<BITS>(p, p.q + row * p.W, p.sparse ? p.m + row * p.MW : nullptr, sz.data(),
+                        sz.data() + p.G, [&](int64_t col, float v) { d[col] = v; });
+  }
+}
+
+void scalar_block(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
+  switch (p.bits) {
+    case 2: return scalar_block_t<2>(p, seg, n0, n1);
+    case 3: return scalar_block_t<3>(p, seg, n0, n1);
+    case 4: return scalar_block_t<4>(p, seg, n0, n1);
+    default: return scalar_block_t<8>(p, seg, n0, n1);
+  }
+}
+
+void decode_rows(const Problem& p, int64_t slot, int64_t n0, int64_t n1, float* buf) {
+  switch (p.bits) {
+    case 2: return decode_rows_t<2>(p, slot, n0, n1, buf);
+    case 3: return decode_rows_t<3>(p, slot, n0, n1, buf);
+    case 4: return decode_rows_t<4>(p, slot, n0, n1, buf);
+    default: return decode_rows_t<8>(p, slot, n0, n1, buf);
   }
 }
 
@@ -315,8 +349,64 @@ DZ_AVX2 void direct_block_fast(const Problem& p, int64_t slot, int64_t nb, int l
   }
 }
 
+// One activation row, fast layouts: Σ (c - z)·s·x = s·(Σ c·x - z·Σ x) per scale group, so each kept value
+// costs a convert, a permute, an FMA and an add (no per-value subtract and multiply): the decode-bound case
+// of one row per delta.
+template <int BITS, bool SPARSE>
+DZ_AVX2 void direct_row_split(const Problem& p, int64_t slot, int64_t nb, int lanes, const int32_t* rows) {
+  constexpr int VPW = 32 / BITS;
+  constexpr int QW = 16 / VPW;
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const int64_t row0 = slot * p.N + nb;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i clamped = _mm256_min_epi32(lane, _mm256_set1_epi32(lanes - 1));
+  const __m256i qoff = _mm256_mullo_epi32(clamped, _mm256_set1_epi32((int)p.W));
+  const __m256i moff = _mm256_mullo_epi32(clamped, _mm256_set1_epi32((int)p.MW));
+  const int32_t* qbase = p.q + row0 * p.W;
+  const int32_t* mbase = SPARSE ? p.m + row0 * p.MW : nullptr;
+  const float* xr = p.x + rows[0] * p.sx;
+  __m256 total = _mm256_setzero_ps();
+  const int64_t chunks = (SPARSE ? p.group / 2 : p.group) / 16;
+  int64_t j0 = 0;
+  for (int64_t g = 0; g < p.G; ++g) {
+    __m256 ac0 = _mm256_setzero_ps(), ac1 = _mm256_setzero_ps(), ax0 = _mm256_setzero_ps(),
+           ax1 = _mm256_setzero_ps();
+    for (int64_t ch = 0; ch < chunks; ++ch, j0 += 16) {
+      __m256i Qw[QW];
+      for (int w = 0; w < QW; ++w) Qw[w] = _mm256_i32gather_epi32(qbase + j0 / VPW + w, qoff, 4);
+      __m256i Mw = SPARSE ? _mm256_i32gather_epi32(mbase + j0 / 16, moff, 4) : _mm256_setzero_si256();
+#pragma GCC unroll 16
+      for (int jj = 0; jj < 16; ++jj) {
+        const __m256 c = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(Qw[jj / VPW], (jj % VPW) * BITS), mask));
+        __m256 xp;
+        if (SPARSE) {
+          const __m256 x4 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xr + ((j0 + jj) >> 1) * 4));
+          xp = _mm256_permutevar8x32_ps(x4, _mm256_srli_epi32(Mw, 2 * jj));
+        } else {
+          xp = _mm256_broadcast_ss(xr + j0 + jj);
+        }
+        if (jj & 1) { ac1 = _mm256_fmadd_ps(c, xp, ac1); ax1 = _mm256_add_ps(ax1, xp); }
+        else { ac0 = _mm256_fmadd_ps(c, xp, ac0); ax0 = _mm256_add_ps(ax0, xp); }
+      }
+    }
+    const __m256 s = load_halves(p.sc + row0 * p.G + g, p.G, lanes);
+    const __m256 z = load_halves(p.ze + row0 * p.G + g, p.G, lanes);
+    const __m256 t = _mm256_fnmadd_ps(z, _mm256_add_ps(ax0, ax1), _mm256_add_ps(ac0, ac1));
+    total = _mm256_fmadd_ps(s, t, total);
+  }
+  float* o = p.out + rows[0] * p.so + nb;
+  if (lanes == 8) {
+    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), total));
+  } else {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, total);
+    for (int l = 0; l < lanes; ++l) o[l] += t[l];
+  }
+}
+
 template <int BITS, bool SPARSE, bool FAST>
 DZ_AVX2 void direct_rows_impl(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
+  const bool split = std::getenv("DELTAZIP_NATIVE_NOSPLIT") == nullptr;
   for (int64_t nb = n0; nb < n1; nb += 8) {
     const int lanes = (int)std::min<int64_t>(8, n1 - nb);
     int64_t r = 0;
@@ -324,7 +414,10 @@ DZ_AVX2 void direct_rows_impl(const Problem& p, const Seg& seg, int64_t n0, int6
       for (; r + 8 <= seg.count; r += 8) direct_block_fast<BITS, SPARSE, 8>(p, seg.slot, nb, lanes, seg.rows + r);
       if (r + 4 <= seg.count) { direct_block_fast<BITS, SPARSE, 4>(p, seg.slot, nb, lanes, seg.rows + r); r += 4; }
       if (r + 2 <= seg.count) { direct_block_fast<BITS, SPARSE, 2>(p, seg.slot, nb, lanes, seg.rows + r); r += 2; }
-      if (r < seg.count) direct_block_fast<BITS, SPARSE, 1>(p, seg.slot, nb, lanes, seg.rows + r);
+      if (r < seg.count) {
+        if (split) direct_row_split<BITS, SPARSE>(p, seg.slot, nb, lanes, seg.rows + r);
+        else direct_block_fast<BITS, SPARSE, 1>(p, seg.slot, nb, lanes, seg.rows + r);
+      }
     } else {
       for (; r + 8 <= seg.count; r += 8) direct_block<BITS, SPARSE, 8>(p, seg.slot, nb, lanes, seg.rows + r);
       if (r + 4 <= seg.count) { direct_block<BITS, SPARSE, 4>(p, seg.slot, nb, lanes, seg.rows + r); r += 4; }
@@ -423,6 +516,13 @@ DZ_AVX2 void lut_index_avx2(const uint8_t* q, const uint8_t* m, int64_t bytes, u
   lut_index_scalar(q + b, m + b, bytes - b, idx + 2 * b);
 }
 
+DZ_AVX2 void halves_to_floats_avx2(const uint16_t* h, int64_t n, float* f) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) f[i] = _cvtsh_ss(h[i]);
+}
+
 // One whole segment (all output rows) on the calling thread: its rows' tables stay in this core's cache.
 void lut_segment(const Problem& p, const Seg& seg, bool avx2, std::vector<float>& tables,
                  std::vector<float>& psums, std::vector<uint8_t>& idx) {
@@ -431,6 +531,7 @@ void lut_segment(const Problem& p, const Seg& seg, bool avx2, std::vector<float>
   tables.resize(seg.count * groups * LUT_STRIDE);
   psums.resize(seg.count * groups * 6);
   idx.resize(groups + 64);
+  std::vector<float> sz(2 * p.G);
   for (int64_t r = 0; r < seg.count; ++r)
     build_lut(p.x + seg.rows[r] * p.sx, p.K, z, tables.data() + r * groups * LUT_STRIDE,
               psums.data() + r * groups * 6);
@@ -440,10 +541,17 @@ void lut_segment(const Problem& p, const Seg& seg, bool avx2, std::vector<float>
     const uint8_t* mb = reinterpret_cast<const uint8_t*>(p.m + row * p.MW);
     if (avx2) lut_index_avx2(qb, mb, groups / 2, idx.data());
     else lut_index_scalar(qb, mb, groups / 2, idx.data());
-    const uint16_t* zr = p.ze + row * p.G;
-    const uint16_t* sr = p.sc + row * p.G;
+    float* zr = sz.data();
+    float* sr = sz.data() + p.G;
+    if (avx2) {
+      halves_to_floats_avx2(p.ze + row * p.G, p.G, zr);
+      halves_to_floats_avx2(p.sc + row * p.G, p.G, sr);
+    } else {
+      halves_to_floats_scalar(p.ze + row * p.G, p.G, zr);
+      halves_to_floats_scalar(p.sc + row * p.G, p.G, sr);
+    }
     bool uniform = true;
-    for (int64_t g = 0; g < p.G; ++g) uniform &= half_to_float(zr[g]) == z;
+    for (int64_t g = 0; g < p.G; ++g) uniform &= zr[g] == z;
     for (int64_t r = 0; r < seg.count; ++r) {
       const float* table = tables.data() + r * groups * LUT_STRIDE;
       const uint8_t* ix = idx.data();
@@ -464,9 +572,9 @@ void lut_segment(const Problem& p, const Seg& seg, bool avx2, std::vector<float>
           const float* ps = psums.data() + r * groups * 6;
           float c = 0.f;
           for (g = g0; g < g1; ++g) c += ps[g * 6 + (ix[g] >> 4)];
-          sum -= (half_to_float(zr[sg]) - z) * c;
+          sum -= (zr[sg] - z) * c;
         }
-        total += sum * half_to_float(sr[sg]);
+        total += sum * sr[sg];
       }
       p.out[seg.rows[r] * p.so + n] += total;
     }
@@ -480,7 +588,7 @@ bool lut_ok(const Problem& p) { return p.sparse && p.bits == 2 && p.group % 4 ==
 
 void run_segments(const Problem& p, const std::vector<Seg>& segs, Strategy forced) {
   const bool avx2 = use_avx2();
-  const int64_t dense_rows = env_int("DELTAZIP_NATIVE_DENSE_ROWS", 48);
+  const int64_t dense_rows = env_int("DELTAZIP_NATIVE_DENSE_ROWS", 64);  // benchmarks/kernel.py
   const int64_t lut_rows_max = env_int("DELTAZIP_NATIVE_LUT_ROWS", 0);
   // Work items: (segment, block of output rows) for direct/scalar, a whole segment for LUT; each item
   // writes its own part of out.

@@ -93,10 +93,13 @@ class TritonPythonModel:
                 except BaseException:
                     self._leave(variant)
                     raise
-            except (BadRequest, RequestError, TypeError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - any fault here is this request's error, never the others'
                 if not counted:  # rejected before its variant was known: counted under the base
                     self._count("requests_total", variant)
                 self._count("request_errors_total", variant)
+                if not isinstance(e, BadRequest | RequestError | TypeError | ValueError):
+                    pb_utils.Logger.log_error(f"deltazip_llm: request failed at submit: {e!r}")
+                    e = f"request failed: {type(e).__name__}"
                 _error(sender, str(e))
                 continue
             self.waiters.submit(self._finish, sender, handle, parsed.stream, variant, started, first)
