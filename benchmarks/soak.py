@@ -141,13 +141,14 @@ def run_soak(server, jobs: list[tuple[str, str]], expected: dict, seconds: float
     if warmup_s:
         time.sleep(warmup_s)
     rss["start"] = server_rss_mb(server)
-    peak = rss["start"]
+    peak, printed = rss["start"], time.monotonic()
     while any(t.is_alive() for t in threads):
-        time.sleep(min(5.0, max(0.05, deadline - time.monotonic())))
+        time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
         peak = max(peak, server_rss_mb(server))
-        if progress is not None:
+        if progress is not None and time.monotonic() - printed >= 30:
+            printed = time.monotonic()
             with lock:
-                progress(time.monotonic() - start, dict(stats), peak)
+                progress(printed - start, dict(stats), peak)
         if time.monotonic() > deadline + 300:
             raise RuntimeError("soak workers did not finish 300 s after the deadline")
     rss["end"] = server_rss_mb(server)

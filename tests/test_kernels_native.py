@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not native.available() and shutil.which("g++") i
                                 reason="no C++ compiler: the native kernel cannot build here")
 
 STRATEGIES = ("direct", "lut", "dense", "auto")
-ISAS = ("auto", "scalar")
+ISAS = ("auto", "scalar", "nofast")  # nofast: the AVX2 kernel's general loop instead of the unrolled one
 
 
 def test_native_kernel_builds_here():
@@ -50,7 +50,11 @@ def run_both(slots, row_slot, seed=1, dtype=torch.float32, monkeypatch=None, str
     add_delta_matmul(expect, x, slots, row_slot, impl="torch")
     got = out.clone()
     monkeypatch.setenv("DELTAZIP_NATIVE_STRATEGY", strategy)
-    monkeypatch.setenv("DELTAZIP_NATIVE_ISA", isa)
+    monkeypatch.setenv("DELTAZIP_NATIVE_ISA", "scalar" if isa == "scalar" else "auto")
+    if isa == "nofast":
+        monkeypatch.setenv("DELTAZIP_NATIVE_NOFAST", "1")
+    else:
+        monkeypatch.delenv("DELTAZIP_NATIVE_NOFAST", raising=False)
     add_delta_matmul(got, x, slots, row_slot, impl="native")
     return out, got, expect, row_slot
 

@@ -209,3 +209,31 @@ def test_chat_template_of_the_family_and_the_fallback(tmp_path):
     tokenizer.save_pretrained(tmp_path / "without")
     (tmp_path / "without" / "chat_template.jinja").unlink(missing_ok=True)
     assert ChatPrompter(tmp_path / "without")(messages) == "be brief\nreverse ab=\nba\nreverse cd="
+
+
+def test_concurrent_requests_share_one_stream_and_errors_stay_alone(live_server):
+    """Requests for several variants at once through the front (one gRPC stream, responses matched by
+    request id): each gets its own answer; a failing one does not disturb the others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(v, _prompt(live_server, v)) for v in VARIANTS] * 4
+    want = {(v, p): _post(live_server, {"model": v, "prompt": p, "max_tokens": MAX_TOKENS}).json()
+            for v, p in set(jobs)}
+
+    def run(i: int):
+        if i % 5 == 4:  # every fifth: an error found in the engine (prompt longer than the context)
+            return _post(live_server, {"model": "sort", "prompt": "sort " + "b" * 300 + "=", "max_tokens": 4})
+        v, p = jobs[i]
+        return _post(live_server, {"model": v, "prompt": p, "max_tokens": MAX_TOKENS, "stream": i % 2 == 1})
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(run, range(len(jobs))))
+    for i, response in enumerate(results):
+        if i % 5 == 4:
+            assert response.status_code == 413
+            continue
+        assert response.status_code == 200, response.text
+        text = (response.json()["choices"][0]["text"] if i % 2 == 0 else
+                "".join(json.loads(line[6:])["choices"][0]["text"] for line in response.text.splitlines()
+                        if line.startswith("data: {")))
+        assert text == want[jobs[i]]["choices"][0]["text"]

@@ -19,6 +19,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 from click.testing import CliRunner
@@ -47,7 +48,7 @@ CASES = {
 
 
 def char_tokenizer(pad: bool = False):
-    """One token per printable character; no pad token unless asked (as many published tokenizers)."""
+    """factories.char_tokenizer's alphabet, but no pad token unless asked (as many published tokenizers)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -99,10 +100,7 @@ def build_case(root: Path, name: str) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    path.write_text("\n".join(json.dumps({"text": f"the quick brown fox {i} jumps over {i * 7} dogs"})
-                              for i in range(64)))
-    return path
+    return factories.write_calib(tmp_path_factory.mktemp("calib") / "calib.jsonl", count=64)
 
 
 @pytest.fixture(scope="module")

@@ -53,17 +53,20 @@ def _is_path(delta: str) -> bool:
 
 
 def _single_store(artifact: Path, scratch: Path) -> tuple[str, Path]:
-    """(its name, a store holding only it): NAME.dz with the artifact's files hard-linked (copied across file
-    systems); not a symlink, which the pool refuses when it points out of its store."""
+    """(its name, a store holding it): the artifact's own directory when it is named NAME.dz, else a copy
+    in `scratch` (a store never follows links out of itself)."""
+    import shutil
+
     from deltazip.errors import DeltazipError
     from deltazip.format import read_manifest
-    from deltazip.fsutil import link_tree
 
     if not (artifact / "manifest.json").is_file():
         raise DeltazipError(f"--delta {artifact}: not a delta artifact (no manifest.json); give a NAME.dz "
                             "directory or the name of a delta in the store")
     name = read_manifest(artifact)["name"]
-    link_tree(artifact, scratch / f"{name}.dz")
+    if artifact.resolve().name == f"{name}.dz":
+        return name, artifact.resolve().parent
+    shutil.copytree(artifact, scratch / f"{name}.dz")
     return name, scratch
 
 

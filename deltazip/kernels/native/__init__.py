@@ -8,7 +8,8 @@ missing) or ``DELTAZIP_NATIVE=0``, the op's CPU kernel is the torch path and one
 Tuning (read on every call, so benchmarks can switch): ``DELTAZIP_NATIVE_STRATEGY`` = auto | direct |
 lut | dense, ``DELTAZIP_NATIVE_DENSE_ROWS`` (auto: segments with at least this many rows decode to dense
 and run a BLAS GEMM), ``DELTAZIP_NATIVE_LUT_ROWS`` (auto: 2-bit 2:4 segments with at most this many rows
-use the table-lookup kernel), ``DELTAZIP_NATIVE_ISA=scalar`` (skip AVX2).
+use the table-lookup kernel), ``DELTAZIP_NATIVE_ISA=scalar`` (skip AVX2), ``DELTAZIP_NATIVE_NOFAST=1``
+(the AVX2 kernel's general loop instead of its unrolled 16-value chunks; for tests).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import tempfile
 import threading
 from pathlib import Path
 
@@ -31,9 +33,19 @@ _state: dict[str, object] = {}  # "ok": bool, "error": str, "path": str
 
 
 def cache_dir() -> Path:
-    """Where built extensions live: $DELTAZIP_NATIVE_CACHE, else ~/.cache/deltazip/native."""
+    """Where built extensions live: $DELTAZIP_NATIVE_CACHE, else ~/.cache/deltazip/native (a per-user temp
+    directory when home is not writable)."""
     env = os.environ.get("DELTAZIP_NATIVE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "deltazip" / "native"
+    if env:
+        return Path(env)
+    home = Path.home() / ".cache" / "deltazip" / "native"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"deltazip-native-{os.getuid()}"
 
 
 def _build_name() -> str:

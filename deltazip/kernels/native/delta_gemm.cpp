@@ -349,64 +349,8 @@ DZ_AVX2 void direct_block_fast(const Problem& p, int64_t slot, int64_t nb, int l
   }
 }
 
-// One activation row, fast layouts: Σ (c - z)·s·x = s·(Σ c·x - z·Σ x) per scale group, so each kept value
-// costs a convert, a permute, an FMA and an add (no per-value subtract and multiply): the decode-bound case
-// of one row per delta.
-template <int BITS, bool SPARSE>
-DZ_AVX2 void direct_row_split(const Problem& p, int64_t slot, int64_t nb, int lanes, const int32_t* rows) {
-  constexpr int VPW = 32 / BITS;
-  constexpr int QW = 16 / VPW;
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-  const int64_t row0 = slot * p.N + nb;
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i clamped = _mm256_min_epi32(lane, _mm256_set1_epi32(lanes - 1));
-  const __m256i qoff = _mm256_mullo_epi32(clamped, _mm256_set1_epi32((int)p.W));
-  const __m256i moff = _mm256_mullo_epi32(clamped, _mm256_set1_epi32((int)p.MW));
-  const int32_t* qbase = p.q + row0 * p.W;
-  const int32_t* mbase = SPARSE ? p.m + row0 * p.MW : nullptr;
-  const float* xr = p.x + rows[0] * p.sx;
-  __m256 total = _mm256_setzero_ps();
-  const int64_t chunks = (SPARSE ? p.group / 2 : p.group) / 16;
-  int64_t j0 = 0;
-  for (int64_t g = 0; g < p.G; ++g) {
-    __m256 ac0 = _mm256_setzero_ps(), ac1 = _mm256_setzero_ps(), ax0 = _mm256_setzero_ps(),
-           ax1 = _mm256_setzero_ps();
-    for (int64_t ch = 0; ch < chunks; ++ch, j0 += 16) {
-      __m256i Qw[QW];
-      for (int w = 0; w < QW; ++w) Qw[w] = _mm256_i32gather_epi32(qbase + j0 / VPW + w, qoff, 4);
-      __m256i Mw = SPARSE ? _mm256_i32gather_epi32(mbase + j0 / 16, moff, 4) : _mm256_setzero_si256();
-#pragma GCC unroll 16
-      for (int jj = 0; jj < 16; ++jj) {
-        const __m256 c = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(Qw[jj / VPW], (jj % VPW) * BITS), mask));
-        __m256 xp;
-        if (SPARSE) {
-          const __m256 x4 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xr + ((j0 + jj) >> 1) * 4));
-          xp = _mm256_permutevar8x32_ps(x4, _mm256_srli_epi32(Mw, 2 * jj));
-        } else {
-          xp = _mm256_broadcast_ss(xr + j0 + jj);
-        }
-        if (jj & 1) { ac1 = _mm256_fmadd_ps(c, xp, ac1); ax1 = _mm256_add_ps(ax1, xp); }
-        else { ac0 = _mm256_fmadd_ps(c, xp, ac0); ax0 = _mm256_add_ps(ax0, xp); }
-      }
-    }
-    const __m256 s = load_halves(p.sc + row0 * p.G + g, p.G, lanes);
-    const __m256 z = load_halves(p.ze + row0 * p.G + g, p.G, lanes);
-    const __m256 t = _mm256_fnmadd_ps(z, _mm256_add_ps(ax0, ax1), _mm256_add_ps(ac0, ac1));
-    total = _mm256_fmadd_ps(s, t, total);
-  }
-  float* o = p.out + rows[0] * p.so + nb;
-  if (lanes == 8) {
-    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), total));
-  } else {
-    alignas(32) float t[8];
-    _mm256_store_ps(t, total);
-    for (int l = 0; l < lanes; ++l) o[l] += t[l];
-  }
-}
-
 template <int BITS, bool SPARSE, bool FAST>
 DZ_AVX2 void direct_rows_impl(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
-  const bool split = std::getenv("DELTAZIP_NATIVE_NOSPLIT") == nullptr;
   for (int64_t nb = n0; nb < n1; nb += 8) {
     const int lanes = (int)std::min<int64_t>(8, n1 - nb);
     int64_t r = 0;
@@ -414,10 +358,7 @@ DZ_AVX2 void direct_rows_impl(const Problem& p, const Seg& seg, int64_t n0, int6
       for (; r + 8 <= seg.count; r += 8) direct_block_fast<BITS, SPARSE, 8>(p, seg.slot, nb, lanes, seg.rows + r);
       if (r + 4 <= seg.count) { direct_block_fast<BITS, SPARSE, 4>(p, seg.slot, nb, lanes, seg.rows + r); r += 4; }
       if (r + 2 <= seg.count) { direct_block_fast<BITS, SPARSE, 2>(p, seg.slot, nb, lanes, seg.rows + r); r += 2; }
-      if (r < seg.count) {
-        if (split) direct_row_split<BITS, SPARSE>(p, seg.slot, nb, lanes, seg.rows + r);
-        else direct_block_fast<BITS, SPARSE, 1>(p, seg.slot, nb, lanes, seg.rows + r);
-      }
+      if (r < seg.count) direct_block_fast<BITS, SPARSE, 1>(p, seg.slot, nb, lanes, seg.rows + r);
     } else {
       for (; r + 8 <= seg.count; r += 8) direct_block<BITS, SPARSE, 8>(p, seg.slot, nb, lanes, seg.rows + r);
       if (r + 4 <= seg.count) { direct_block<BITS, SPARSE, 4>(p, seg.slot, nb, lanes, seg.rows + r); r += 4; }
