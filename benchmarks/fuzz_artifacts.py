@@ -517,7 +517,7 @@ def run(seed: int, cases: int, timeout_s: float = 10.0, extra: list[Path] = (), 
     counts: Counter = Counter()
     bad: list[tuple[int, str, str, str]] = []
     slowest = 0.0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     previous = signal.signal(signal.SIGALRM, _alarm)
     with tempfile.TemporaryDirectory(prefix="deltazip-fuzz-") as tmp:
         root = Path(tmp)
@@ -551,7 +551,8 @@ def run(seed: int, cases: int, timeout_s: float = 10.0, extra: list[Path] = (), 
         finally:
             signal.signal(signal.SIGALRM, previous)
     return {"counts": {c: counts.get(c, 0) for c in CLASSES}, "cases": cases, "bad": bad,
-            "seconds": time.perf_counter() - started, "slowest_case_s": slowest, "seeds": len(expected)}
+            "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+            "slowest_case_s": slowest, "seeds": len(expected)}
 
 
 def main() -> None:
@@ -574,7 +575,8 @@ def main() -> None:
     print(f"{result['cases']} cases over {result['seeds']} seed artifacts in {result['seconds']:.1f} s "
           f"(slowest case {result['slowest_case_s']:.2f} s)")
     if not args.no_write:
-        notes = (f"{result['cases']} cases over {result['seeds']} seed artifacts, {result['seconds']:.0f} s, "
+        notes = (f"{result['cases']} cases over {result['seeds']} seed artifacts, "
+                 f"{result['seconds']:.0f} s wall ({result['cpu_seconds']:.0f} s CPU), "
                  f"slowest case {result['slowest_case_s']:.2f} s (per-case limit {args.timeout:g} s). "
                  "Clean error: ArtifactError/ChecksumError; re-signed: the mutation recomputed the payload "
                  "checksum, so a successful load is a valid artifact with other content. Every 8th case also "

@@ -35,7 +35,7 @@ SHAPES = [("q_proj / o_proj", 512, 512), ("k_proj / v_proj", 128, 512), ("gate_p
           ("down_proj", 512, 1536)]
 ROWS = 16
 DISTINCT_DELTAS = (1, 4, 16)
-STRATEGIES = ("direct", "lut", "dense", "auto")
+STRATEGIES = ("direct", "lut", "rowvec", "dense", "auto")
 TARGETS = {1: 1.5, 4: 2.0, 16: 3.0}
 
 
@@ -175,7 +175,8 @@ def decode_step(steps: int, rounds: int, only: tuple[str, ...] = ()) -> list[lis
     context = 32
     gen = torch.Generator().manual_seed(0)
     caches = [model.new_cache(context + 1) for _ in range(ROWS)]
-    kernels = {"torch path": ("torch", None), "native (auto)": ("auto", "auto"), "native LUT": ("auto", "lut")}
+    kernels = {"torch path": ("torch", None), "native (auto)": ("auto", "auto"),
+               "native LUT": ("auto", "lut")}
     kernels = {k: v for k, v in kernels.items() if k == "torch path" or not only or k in only}
     with torch.inference_mode():
         prompt = torch.randint(0, model.args.vocab_size, (ROWS * context,), generator=gen)
@@ -264,12 +265,13 @@ def main() -> None:
     where = (f"fp32; {args.threads} threads (native kernel: {state['usable_cpus']} usable CPUs, "
              f"AVX2 {'on' if state['avx2'] else 'off'}); best of the repeats, implementations interleaved")
     table = markdown_table(["layer [N x K]", "distinct deltas", "base GEMM ms", "torch / base",
-                            "native direct / base", "native LUT / base", "native dense / base",
-                            "native auto / base"], cpu_layers(args.repeats))
+                            "native direct / base", "native LUT / base", "native rowvec / base",
+                            "native dense / base", "native auto / base"], cpu_layers(args.repeats))
     write_section("Delta GEMM: torch path vs native strategies (CPU, 16 rows)", command, table,
                   "2-bit 2:4 deltas, group 64, symmetric grid; " + where + ". direct = codes decoded in "
                   "registers (8 output rows per AVX2 register, reused by up to 8 activation rows); LUT = "
-                  "per-row table of the 96 partial sums of each group of 4 inputs; dense = decode a tile "
+                  "per-row table of the 96 partial sums of each group of 4 inputs; rowvec = lanes are "
+                  "activation rows (x transposed), no permute; dense = decode a tile "
                   "to fp32 and BLAS GEMM; auto = direct below DELTAZIP_NATIVE_DENSE_ROWS rows per segment.")
     print(table)
     table = markdown_table(["rows on one delta", "base GEMM ms", "direct / base", "dense / base", "faster"],

@@ -12,6 +12,7 @@ difference. Target: the front adds ≤ 2 ms median.
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import statistics
 import sys
@@ -147,9 +148,11 @@ def main() -> None:
     table = markdown_table(["path", "median ms", "p90 ms", "median added ms (paired)"], rows)
     print(table)
     verdict = "met" if statistics.median(diffs) <= 2.0 else "NOT met"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     notes = (f"{args.requests} requests each, alternating, after {args.warmup} warm-up pairs; model "
              f"'{model}', prompt {args.prompt!r}, max_tokens {args.max_tokens}, greedy. Target ≤ 2 ms median "
-             f"added: {verdict}.")
+             f"added: {verdict}. Load average during the run (1/5/15 min): {load} — a shared machine: "
+             f"every process hop waits for a core, so the figure is an upper bound of the front's cost.")
     print(notes)
     if not args.no_write:
         write_section(TITLE, command_line(), table, notes)

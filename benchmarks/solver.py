@@ -123,7 +123,9 @@ def main() -> None:
              "‖(Ŵ − Δ)Xᵀ‖² / ‖ΔXᵀ‖² on held-out tokens. Target (issue 14): ≥ "
              f"{TARGET_PARAMS_PER_S / 1e6:.1f} M params/s at 4096x4096 (the reference DeltaZip solver's "
              "rate) "
-             "with 2-bit 2:4 error ≤ 0.16; reference errors from the same layer.")
+             "with 2-bit 2:4 error ≤ 0.16; reference errors from the same layer. The solver before issue 14 "
+             "(two sweeps): `git show 1827b54:deltazip/compress/obs.py > /tmp/obs_old.py` and "
+             "`--solver /tmp/obs_old.py:solve_delta`.")
     if not args.no_write:
         title = "Solver: OBS speed and output error (synthetic layer"
         title += ")" if args.inputs == "mixed" else ", independent inputs)"

@@ -21,7 +21,7 @@ from deltazip.kernels.synthetic import random_packed
 pytestmark = pytest.mark.skipif(not native.available() and shutil.which("g++") is None,
                                 reason="no C++ compiler: the native kernel cannot build here")
 
-STRATEGIES = ("direct", "lut", "dense", "auto")
+STRATEGIES = ("direct", "lut", "rowvec", "dense", "auto")
 ISAS = ("auto", "scalar", "nofast")  # nofast: the AVX2 kernel's general loop instead of the unrolled one
 
 
@@ -84,7 +84,7 @@ def test_odd_shapes_and_groups(n, k, group, sparse24, monkeypatch):
     # group 6 / 2: a 2:4 group of 4 straddles scale groups (the scalar path); N not a multiple of 8
     for bits in (2, 3, 4):
         slots = filled(2, n, k, bits, group, sparse24, seed=n)
-        for strategy in ("auto", "dense", "lut"):
+        for strategy in ("auto", "dense", "lut", "rowvec"):
             out, got, expect, _ = run_both(slots, [0, 1, -1, 1, 1], monkeypatch=monkeypatch,
                                            strategy=strategy)
             assert torch.equal(got, expect), (bits, strategy)
@@ -253,3 +253,16 @@ def test_fallback_to_torch_path_with_one_warning_line():
     warnings = [line for line in run.stderr.splitlines() if "native CPU delta kernel unavailable" in line]
     assert warnings == ["deltazip: native CPU delta kernel unavailable (DELTAZIP_NATIVE=0); "
                         "using the torch path"]
+
+
+def test_parallel_threads_give_the_same_answer(monkeypatch):
+    # OpenMP work items (segment x block of output rows) write disjoint parts of out
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        slots = filled(4, 200, 128, 2, 32, True)
+        for strategy in STRATEGIES:
+            _, got, expect, _ = run_both(slots, MIXED, monkeypatch=monkeypatch, strategy=strategy)
+            assert torch.equal(got, expect), strategy
+    finally:
+        torch.set_num_threads(before)

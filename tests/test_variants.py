@@ -193,7 +193,6 @@ def test_live_add_replace_remove(live_server, tiny_deltas, tmp_path):
             assert removed.status_code == 200, removed.text
         else:  # all twelve had finished between the poll and the call: removed at once
             assert refused.status_code == 200, refused.text
-        print(f"\nremove while in use: {refused.status_code}")
         assert all(f.result().status_code == 200 for f in busy)  # in-flight requests finished normally
     assert _complete(url, "shout", prompt).status_code == 404
     assert not (live_server.store / "shout.dz").exists()

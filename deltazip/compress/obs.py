@@ -23,6 +23,7 @@ from deltazip.compress.quantize import fit_scale, likely_kept, zero_code
 from deltazip.packed import PackedLinear
 
 SUB_BLOCK = 32  # columns per rank-1-update sub-block inside a block (multiple of 4)
+SECOND_SWEEP_MAX = 1 << 22  # layers up to this many parameters (and K ≤ 2·SKETCH) get a second sweep
 SKETCH = 256  # columns of the random sketch of H used by the per-row scale refit when K > 2·SKETCH
 FIT_COLUMNS = 1024  # at most this many columns (whole groups of 4) feed the initial per-row scale fit
 
@@ -131,9 +132,16 @@ def solve_delta(delta: torch.Tensor, hessian: torch.Tensor | None, bits: int, sp
         h = None
     scales = _initial_row_scales(w, bits, sparse24, prune_fraction) if per_row else None
     steps, pruned, scales = _sweep(w, u, bits, sparse24, prune_fraction, group, block_size, scales)
-    del u
     scales = refit_scales(w, steps, scales, h, group, lower if sketched else None)
     del lower
+    if h is not None and n_rows * n_cols <= SECOND_SWEEP_MAX:
+        # a small layer: sweep again against the refit scales and keep, per row, the better (exact error)
+        steps2, pruned2, scales2 = _sweep(w, u, bits, sparse24, prune_fraction, group, block_size, scales)
+        scales2 = refit_scales(w, steps2, scales2, h, group)
+        better = output_error(w, steps2, scales2, h, group) < output_error(w, steps, scales, h, group)
+        steps, pruned = torch.where(better, steps2, steps), torch.where(better, pruned2, pruned)
+        scales = torch.where(better, scales2, scales)
+    del u
     if order is not None:
         inverse = torch.argsort(order)
         steps, pruned = steps.index_select(1, inverse), pruned.index_select(1, inverse)
@@ -198,12 +206,12 @@ def _threads(count: int, device: torch.device):
 
 
 def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fraction: float, group: int,
-           block_size: int, row_scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+           block_size: int, fixed_scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """One OBS pass over the columns of w (not modified): steps (code − zero, int8) [N, K], pruned mask
     [N, K], scales [N, G].
 
-    `row_scales` [N, 1]: quantize every column against it; None: fit each group's scale when the sweep
-    reaches the group (on the error-updated weights). Working memory: Wᵀ plus two [block, N] buffers.
+    `fixed_scales` [N, G]: quantize against them; None: fit each group's scale when the sweep reaches the
+    group (on the error-updated weights). Working memory: Wᵀ plus two [block, N] buffers.
     """
     n_rows, n_cols = w.shape
     device = w.device
@@ -213,12 +221,11 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fr
     pruned = torch.zeros(n_cols, n_rows, dtype=torch.bool, device=device)
     block_steps = torch.zeros(block_size, n_rows, device=device)
     block_errs = torch.zeros(block_size, n_rows, device=device)
-    if row_scales is None:
+    if fixed_scales is None:
         scales = torch.zeros(n_rows, n_cols // group, device=device)
-        scale = inv_scale = None
     else:
-        scales = row_scales.reshape(n_rows, 1).float()
-        scale, inv_scale = scales[:, 0], 1.0 / scales[:, 0]
+        scales = fixed_scales.reshape(n_rows, n_cols // group).float().clone()
+    scale = inv_scale = None
     keep = torch.ones(4, n_rows, device=device)
     drop_mask = torch.zeros(4, n_rows, dtype=torch.bool, device=device)
     sub = max(4, SUB_BLOCK - SUB_BLOCK % 4)
@@ -236,10 +243,11 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fr
                 u_sub = u[a:b, a:b]
                 inv_diag = (1.0 / torch.diag(u_sub)).tolist()
                 for g in range(a, b, 4):
-                    if scale is None and g % group == 0:
-                        span = wt[g:g + group].T
-                        fitted = fit_scale(span, bits, likely_kept(span, sparse24, 1.0 - prune_fraction))
-                        scales[:, g // group] = fitted[:, 0]
+                    if g % group == 0:
+                        if fixed_scales is None:
+                            span = wt[g:g + group].T
+                            kept = likely_kept(span, sparse24, 1.0 - prune_fraction)
+                            scales[:, g // group] = fit_scale(span, bits, kept)[:, 0]
                         scale, inv_scale = scales[:, g // group], 1.0 / scales[:, g // group]
                     if sparse24:  # keep the 2 of 4 whose quantized values remove the most output error
                         wg = wt[g:g + 4]

@@ -6,10 +6,12 @@ kernel of the ``deltazip::add_delta_matmul`` op. Where it cannot build (no compi
 missing) or ``DELTAZIP_NATIVE=0``, the op's CPU kernel is the torch path and one warning line says why.
 
 Tuning (read on every call, so benchmarks can switch): ``DELTAZIP_NATIVE_STRATEGY`` = auto | direct |
-lut | dense, ``DELTAZIP_NATIVE_DENSE_ROWS`` (auto: segments with at least this many rows decode to dense
-and run a BLAS GEMM), ``DELTAZIP_NATIVE_LUT_ROWS`` (auto: 2-bit 2:4 segments with at most this many rows
-use the table-lookup kernel), ``DELTAZIP_NATIVE_ISA=scalar`` (skip AVX2), ``DELTAZIP_NATIVE_NOFAST=1``
-(the AVX2 kernel's general loop instead of its unrolled 16-value chunks; for tests).
+lut | rowvec | dense; for auto, ``DELTAZIP_NATIVE_DENSE_ROWS`` (segments with at least this many rows
+decode to dense and run a BLAS GEMM; 64), ``DELTAZIP_NATIVE_LUT_ROWS`` (2-bit 2:4 segments with at most
+this many rows use the table-lookup kernel; 0) and ``DELTAZIP_NATIVE_ROWVEC_ROWS`` (segments with at least
+this many rows use the row-vector kernel; never by default); ``DELTAZIP_NATIVE_ISA=scalar`` (skip AVX2),
+``DELTAZIP_NATIVE_NOFAST=1`` (the AVX2 kernel's general loop instead of its unrolled chunks; for tests).
+The defaults come from benchmarks/kernel.py on this 2-core AVX2 machine.
 """
 
 from __future__ import annotations

@@ -3,18 +3,24 @@
 // out[r, :] += x[r, :] · Δ_sᵀ for every row r of every segment on slot s, reading the packed codes of
 // deltazip.packed directly (qweight [S,N,W] int32, meta [S,N,K/32] int32 (2:4), scales/zeros [S,N,G] fp16).
 // The dense delta is never built for the "direct" and "lut" strategies; "dense" decodes one tile of output
-// rows at a time and runs a BLAS GEMM on it (large segments: prefill).
+// rows at a time (≤ 4 MiB) and runs a BLAS GEMM on it (large segments: prefill).
 //
-// Strategies per segment (DELTAZIP_NATIVE_STRATEGY=auto|direct|lut|dense; auto picks by rows, thresholds
-// measured by benchmarks/kernel.py):
+// Strategies per segment (DELTAZIP_NATIVE_STRATEGY=auto|direct|lut|dense):
 //   direct  8 output rows per AVX2 register; codes and 2:4 positions decoded in registers once per block
-//           and reused by up to 8 activation rows; x[col] of a kept value picked with one permute.
+//           and reused by up to 8 activation rows; x[col] of a kept value picked with one permute. Layouts
+//           whose scale groups hold whole 16-value chunks (2/4/8-bit) run a fully unrolled loop.
 //   lut     2-bit 2:4 only: per activation row, a table of the 96 possible partial sums of each group of 4
 //           inputs (pattern x two codes); one table load per group of 4 weights (T-MAC / LUT-GEMM style).
-//   dense   decode a tile of output rows to fp32, then at::addmm (MKL) for many rows.
+//   dense   decode a tile of output rows to fp32, then at::mm (MKL) for many rows.
+//   rowvec  lanes = activation rows (x transposed per segment): one broadcast + FMA per kept value and 8 rows,
+//           the 2:4 column an address instead of a permute. Measured slower than direct here (load-bound).
+// auto = dense for segments of ≥ DELTAZIP_NATIVE_DENSE_ROWS rows (64), else direct; lut only when asked or
+// for segments of ≤ DELTAZIP_NATIVE_LUT_ROWS rows (default 0), rowvec for ≥ DELTAZIP_NATIVE_ROWVEC_ROWS
+// (default never): on this AVX2 machine both measured slower than direct (benchmarks/kernel.py).
 // ISA: AVX2+FMA+F16C chosen at run time (target attributes, one portable build); a scalar path otherwise or
-// with DELTAZIP_NATIVE_ISA=scalar. Threads: OpenMP over (segment, block of output rows), count =
-// min(torch threads, CPUs this process may use: sched_getaffinity and the cgroup CPU quota).
+// with DELTAZIP_NATIVE_ISA=scalar. Threads: OpenMP over (segment, block of 64 output rows; a whole segment
+// for lut), count = min(torch threads, CPUs this process may use: sched_getaffinity and the cgroup CPU
+// quota, the rule of deltazip/threads.py); waiting is OpenMP's (deltazip.threads sets OMP_WAIT_POLICY).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -87,7 +93,7 @@ int thread_count(int64_t items) {
   return (int)std::max<int64_t>(1, std::min<int64_t>(n, items));
 }
 
-enum Strategy { AUTO = 0, DIRECT = 1, LUT = 2, DENSE = 3 };
+enum Strategy { AUTO = 0, DIRECT = 1, LUT = 2, DENSE = 3, ROWVEC = 4 };
 
 Strategy env_strategy() {
   const char* s = std::getenv("DELTAZIP_NATIVE_STRATEGY");
@@ -95,7 +101,8 @@ Strategy env_strategy() {
   if (!std::strcmp(s, "direct")) return DIRECT;
   if (!std::strcmp(s, "lut")) return LUT;
   if (!std::strcmp(s, "dense")) return DENSE;
-  TORCH_CHECK_VALUE(false, "DELTAZIP_NATIVE_STRATEGY must be auto, direct, lut or dense, not '", s, "'");
+  if (!std::strcmp(s, "rowvec")) return ROWVEC;
+  TORCH_CHECK_VALUE(false, "DELTAZIP_NATIVE_STRATEGY must be auto, direct, lut, dense or rowvec, not '", s, "'");
 }
 
 int64_t env_int(const char* name, int64_t fallback) {
@@ -351,11 +358,13 @@ DZ_AVX2 void direct_block_fast(const Problem& p, int64_t slot, int64_t nb, int l
 
 template <int BITS, bool SPARSE, bool FAST>
 DZ_AVX2 void direct_rows_impl(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
+  const bool rb8 = std::getenv("DELTAZIP_NATIVE_RB4") == nullptr;
   for (int64_t nb = n0; nb < n1; nb += 8) {
     const int lanes = (int)std::min<int64_t>(8, n1 - nb);
     int64_t r = 0;
     if constexpr (FAST) {
-      for (; r + 8 <= seg.count; r += 8) direct_block_fast<BITS, SPARSE, 8>(p, seg.slot, nb, lanes, seg.rows + r);
+      if (rb8) for (; r + 8 <= seg.count; r += 8) direct_block_fast<BITS, SPARSE, 8>(p, seg.slot, nb, lanes, seg.rows + r);
+      for (; r + 4 <= seg.count; r += 4) direct_block_fast<BITS, SPARSE, 4>(p, seg.slot, nb, lanes, seg.rows + r);
       if (r + 4 <= seg.count) { direct_block_fast<BITS, SPARSE, 4>(p, seg.slot, nb, lanes, seg.rows + r); r += 4; }
       if (r + 2 <= seg.count) { direct_block_fast<BITS, SPARSE, 2>(p, seg.slot, nb, lanes, seg.rows + r); r += 2; }
       if (r < seg.count) direct_block_fast<BITS, SPARSE, 1>(p, seg.slot, nb, lanes, seg.rows + r);
@@ -379,6 +388,98 @@ DZ_AVX2 void direct_rows(const Problem& p, const Seg& seg, int64_t n0, int64_t n
     if (fast_ok(p)) return direct_rows_impl<BITS, SPARSE, true>(p, seg, n0, n1);
   }
   direct_rows_impl<BITS, SPARSE, false>(p, seg, n0, n1);
+}
+
+// Row-vector strategy (several rows on one delta): lanes = activation rows, x transposed per segment
+// (xT [K][RP], RP = rows rounded up to 8, zero padded). Each kept value is decoded once per output row (16 at
+// a time, vectorised) and then costs one broadcast and one FMA per 8 rows, no permute: the 2:4 column is an
+// address, not a lane shuffle. Fast layouts only (whole 16-value chunks per scale group).
+template <int BITS, bool SPARSE, int NB>
+DZ_AVX2 void rowvec_pass(const Problem& p, const Seg& seg, const float* xT, int64_t RP, int64_t n, int64_t rb,
+                         float* res) {
+  constexpr int VPW = 32 / BITS;
+  constexpr int QW = 16 / VPW;
+  alignas(32) float vbuf[16];
+  alignas(32) int32_t obuf[16];
+  alignas(32) int32_t wtmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const __m256i lo = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), hi = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+  __m256i sh_lo, sh_hi, wi_lo, wi_hi;
+  {
+    alignas(32) int32_t a[16], b[16];
+    for (int jj = 0; jj < 16; ++jj) { a[jj] = (jj % VPW) * BITS; b[jj] = jj / VPW; }
+    sh_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(a));
+    sh_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(a + 8));
+    wi_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+    wi_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 8));
+  }
+  const __m256i psh_lo = _mm256_slli_epi32(lo, 1), psh_hi = _mm256_slli_epi32(hi, 1);
+  const __m256i cb_lo = _mm256_slli_epi32(_mm256_srli_epi32(lo, 1), 2), cb_hi = _mm256_slli_epi32(_mm256_srli_epi32(hi, 1), 2);
+  const __m256i rp = _mm256_set1_epi32((int)RP);
+  const int64_t row = seg.slot * p.N + n;
+  const int32_t* qr = p.q + row * p.W;
+  const int32_t* mr = SPARSE ? p.m + row * p.MW : nullptr;
+  const int64_t chunks = (SPARSE ? p.group / 2 : p.group) / 16;
+  __m256 acc[4][NB];
+  for (int a = 0; a < 4; ++a)
+    for (int b = 0; b < NB; ++b) acc[a][b] = _mm256_setzero_ps();
+  int64_t j0 = 0;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const __m256 s = _mm256_set1_ps(_cvtsh_ss(p.sc[row * p.G + g]));
+    const __m256 z = _mm256_set1_ps(_cvtsh_ss(p.ze[row * p.G + g]));
+    for (int64_t ch = 0; ch < chunks; ++ch, j0 += 16) {
+      for (int w = 0; w < QW; ++w) wtmp[w] = qr[j0 / VPW + w];
+      const __m256i words = _mm256_load_si256(reinterpret_cast<const __m256i*>(wtmp));
+      const __m256i c_lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(words, wi_lo), sh_lo), mask);
+      const __m256i c_hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(words, wi_hi), sh_hi), mask);
+      _mm256_store_ps(vbuf, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c_lo), z), s));
+      _mm256_store_ps(vbuf + 8, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c_hi), z), s));
+      __m256i col_lo, col_hi;
+      if (SPARSE) {  // column of kept value j0 + jj: 4 * ((j0 + jj) / 2) + position = 2 * j0 + 4 * (jj / 2) + p
+        const __m256i M = _mm256_set1_epi32(mr[j0 / 16]);
+        const __m256i base = _mm256_set1_epi32((int)(2 * j0));
+        col_lo = _mm256_add_epi32(_mm256_add_epi32(base, cb_lo), _mm256_and_si256(_mm256_srlv_epi32(M, psh_lo), _mm256_set1_epi32(3)));
+        col_hi = _mm256_add_epi32(_mm256_add_epi32(base, cb_hi), _mm256_and_si256(_mm256_srlv_epi32(M, psh_hi), _mm256_set1_epi32(3)));
+      } else {
+        col_lo = _mm256_add_epi32(_mm256_set1_epi32((int)j0), lo);
+        col_hi = _mm256_add_epi32(_mm256_set1_epi32((int)j0), hi);
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(obuf), _mm256_mullo_epi32(col_lo, rp));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(obuf + 8), _mm256_mullo_epi32(col_hi, rp));
+#pragma GCC unroll 16
+      for (int jj = 0; jj < 16; ++jj) {
+        const __m256 vb = _mm256_broadcast_ss(vbuf + jj);
+        const float* xp = xT + obuf[jj] + rb;
+        for (int b = 0; b < NB; ++b) acc[jj & 3][b] = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp + 8 * b), acc[jj & 3][b]);
+      }
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(acc[0][b], acc[1][b]), _mm256_add_ps(acc[2][b], acc[3][b]));
+    _mm256_storeu_ps(res + 8 * b, t);
+  }
+}
+
+template <int BITS, bool SPARSE>
+DZ_AVX2 void rowvec_rows(const Problem& p, const Seg& seg, const float* xT, int64_t RP, int64_t n0, int64_t n1) {
+  std::vector<float> res(RP + 16);
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t rb = 0;
+    for (; rb + 16 <= RP; rb += 16) rowvec_pass<BITS, SPARSE, 2>(p, seg, xT, RP, n, rb, res.data() + rb);
+    if (rb < RP) rowvec_pass<BITS, SPARSE, 1>(p, seg, xT, RP, n, rb, res.data() + rb);
+    for (int64_t r = 0; r < seg.count; ++r) p.out[seg.rows[r] * p.so + n] += res[r];
+  }
+}
+
+DZ_AVX2 void rowvec_dispatch(const Problem& p, const Seg& seg, const float* xT, int64_t RP, int64_t n0, int64_t n1) {
+  switch (p.bits * 2 + (p.sparse ? 1 : 0)) {
+    case 4: return rowvec_rows<2, false>(p, seg, xT, RP, n0, n1);
+    case 5: return rowvec_rows<2, true>(p, seg, xT, RP, n0, n1);
+    case 8: return rowvec_rows<4, false>(p, seg, xT, RP, n0, n1);
+    case 9: return rowvec_rows<4, true>(p, seg, xT, RP, n0, n1);
+    case 16: return rowvec_rows<8, false>(p, seg, xT, RP, n0, n1);
+    case 17: return rowvec_rows<8, true>(p, seg, xT, RP, n0, n1);
+  }
 }
 
 DZ_AVX2 void direct_dispatch(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
@@ -531,6 +632,7 @@ void run_segments(const Problem& p, const std::vector<Seg>& segs, Strategy force
   const bool avx2 = use_avx2();
   const int64_t dense_rows = env_int("DELTAZIP_NATIVE_DENSE_ROWS", 64);  // benchmarks/kernel.py
   const int64_t lut_rows_max = env_int("DELTAZIP_NATIVE_LUT_ROWS", 0);
+  const int64_t rowvec_rows_min = env_int("DELTAZIP_NATIVE_ROWVEC_ROWS", 1 << 30);
   // Work items: (segment, block of output rows) for direct/scalar, a whole segment for LUT; each item
   // writes its own part of out.
   constexpr int64_t BLOCK_N = 64;
@@ -544,10 +646,24 @@ void run_segments(const Problem& p, const std::vector<Seg>& segs, Strategy force
       if (st == DIRECT && segs[i].count <= lut_rows_max && lut_ok(p)) st = LUT;
     }
     if (st == LUT && !lut_ok(p)) st = DIRECT;
+    if (st == DIRECT && forced == AUTO && segs[i].count >= rowvec_rows_min && avx2 && fast_ok(p)) st = ROWVEC;
+    if (st == ROWVEC && !(avx2 && fast_ok(p))) st = DIRECT;
     strategy[i] = st;
     if (st == DENSE) continue;  // run below, one tile at a time, BLAS-parallel
     if (st == LUT) { items.push_back({(int64_t)i, 0, p.N}); continue; }
     for (int64_t n0 = 0; n0 < p.N; n0 += BLOCK_N) items.push_back({(int64_t)i, n0, std::min(p.N, n0 + BLOCK_N)});
+  }
+  std::vector<std::vector<float>> xts(segs.size());  // transposed rows [K][RP] of ROWVEC segments
+  std::vector<int64_t> rps(segs.size(), 0);
+  for (size_t i = 0; i < segs.size(); ++i) {
+    if (strategy[i] != ROWVEC) continue;
+    const int64_t RP = (segs[i].count + 7) / 8 * 8;
+    rps[i] = RP;
+    xts[i].assign(p.K * RP, 0.f);
+    for (int64_t r = 0; r < segs[i].count; ++r) {
+      const float* xr = p.x + segs[i].rows[r] * p.sx;
+      for (int64_t k = 0; k < p.K; ++k) xts[i][k * RP + r] = xr[k];
+    }
   }
   const int nt = thread_count((int64_t)items.size());
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -560,6 +676,8 @@ void run_segments(const Problem& p, const std::vector<Seg>& segs, Strategy force
       const Seg& seg = segs[item.seg];
       if (strategy[item.seg] == LUT) {
         lut_segment(p, seg, avx2, tables, psums, idx);
+      } else if (strategy[item.seg] == ROWVEC) {
+        rowvec_dispatch(p, seg, xts[item.seg].data(), rps[item.seg], item.n0, item.n1);
       } else if (avx2 && direct_ok(p)) {
         direct_dispatch(p, seg, item.n0, item.n1);
       } else {
