@@ -86,8 +86,19 @@ class RuntimeConfig:
     precision_bits: int = 0  # fixed: install at this precision where the variant stores it
     precision_pressure: float = 0.75  # pressure: host tier fill fraction from which the narrowest is used
     precision_hot: int = 4  # popularity: the most requested variants that get the widest precision
+    # the baseline of benchmarks/multitenant.py (deltazip/runtime/full_swap.py): "full_swap" serves merged
+    # fine-tunes (full_models: a directory of NAME/ HF model dirs), at most full_resident of them loaded
+    # (LRU swap from disk on a miss), one model per forward pass; "deltas" (default) is deltazip itself
+    mode: str = "deltas"
+    full_models: str = ""
+    full_resident: int = 1
 
     def __post_init__(self) -> None:
+        if self.mode not in ("deltas", "full_swap"):
+            raise ValueError(f"mode must be deltas or full_swap, not {self.mode!r}")
+        if self.mode == "full_swap" and (not self.full_models or self.full_resident < 1):
+            raise ValueError("mode full_swap needs full_models (a directory of merged fine-tunes) and "
+                             "full_resident >= 1")
         if self.precision_policy not in ("max", "fixed", "pressure", "popularity"):
             raise ValueError(f"precision_policy must be max, fixed, pressure or popularity, not "
                              f"{self.precision_policy!r}")

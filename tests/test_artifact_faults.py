@@ -7,7 +7,6 @@ entries misnamed or pointing out of the store, stale host copies, leftovers of k
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -63,8 +62,12 @@ def _resign(path: Path, table: bool = False) -> None:
         tensors = json.loads((path / MANIFEST).read_text())["tensors"]
         header["__metadata__"][TABLE_KEY] = tensor_table_sha256(tensors)
         _write_payload(path, header, body)
+    from deltazip.format.manifest import file_digest
+    from deltazip.format.schema import checksum_key
+
     data = (path / PAYLOAD).read_bytes()
-    _edit(path, lambda m: m["files"].update({PAYLOAD: {"sha256": hashlib.sha256(data).hexdigest(),
+    digest = checksum_key(json.loads((path / MANIFEST).read_text())["version"])  # blake3 from version 4
+    _edit(path, lambda m: m["files"].update({PAYLOAD: {digest: file_digest(path / PAYLOAD, digest),
                                                        "bytes": len(data)}}))
 
 
@@ -139,7 +142,7 @@ def test_deep_nesting_is_an_artifact_error(tmp_path):
     (lambda m: m["tensors"]["lm_head"].pop("bits"), "bits"),  # was KeyError
     (lambda m: m["tensors"]["lm_head"].pop("streams"), "streams"),
     (lambda m: m["base"].pop("fingerprint"), "base.fingerprint"),
-    (lambda m: m["files"][PAYLOAD].pop("sha256"), "sha256"),
+    (lambda m: m["files"][PAYLOAD].pop("blake3"), "blake3"),  # version 4; older versions: sha256
     (lambda m: m["tensors"]["lm_head"].update(group_size=0), "group_size"),  # was ZeroDivisionError
     (lambda m: m["tensors"]["lm_head"].update(group_size=-64), "group_size"),
     (lambda m: m["tensors"]["lm_head"].update(shape=[2**62, 2**62]), "shape"),  # was OverflowError
@@ -165,7 +168,7 @@ def test_bad_fields_are_one_artifact_error_naming_the_field(tmp_path, change, fi
     _edit(path, change)
     for resign_table in (False, True):  # also when the payload's record of the table was forged to match
         if resign_table:
-            if field in ("sha256", "bytes", "files"):
+            if field in ("sha256", "blake3", "bytes", "files"):
                 continue  # re-signing would repair these
             try:
                 _resign(path, table=True)

@@ -23,16 +23,18 @@ from deltazip.format.schema import (
     NAME_RE,
     PAYLOAD,
     READ_VERSIONS,
+    checksum_key,
     parse_manifest,
     validate_manifest,
 )
 from deltazip.hf import ModelWeights
 
-FORMAT_VERSION = 2  # written; 2 adds the `nibbles` stream (docs/FORMAT.md)
-ANY_PRECISION_VERSION = 3  # written instead when a linear is any-precision (bitplanes; older readers refuse)
+FORMAT_VERSION = 4  # written; 4 records blake3 file checksums (docs/FORMAT.md); 2 and 3 still read
+SHA256_VERSION = 2  # written with checksum="sha256" (the layout older readers know); 2 adds `nibbles`
+ANY_PRECISION_VERSION = 3  # ... or this when a linear is any-precision (bitplanes; version 2 readers refuse)
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "PAYLOAD", "READ_VERSIONS", "check_fingerprint",
-           "check_name", "fingerprint_model", "new_manifest", "read_manifest", "sha256_file", "verify_files",
-           "write_manifest"]
+           "check_name", "file_digest", "fingerprint_model", "new_manifest", "read_manifest", "sha256_file",
+           "verify_files", "write_manifest"]
 
 
 def check_name(name: str) -> None:
@@ -51,16 +53,20 @@ def check_fingerprint(fingerprint: str) -> None:
 
 
 def new_manifest(name: str, base_fingerprint: str, entries: dict[str, dict],
-                 info: dict | None = None) -> dict:
+                 info: dict | None = None, checksum: str = "blake3") -> dict:
     """The manifest of tensor `entries` (codec.encode_tensors); `info` adds fields (target, settings, stats).
 
-    `files` and the size stats are filled in by write_manifest once the payload is on disk.
+    `files` and the size stats are filled in by write_manifest once the payload is on disk. `checksum`
+    "blake3" writes version 4; "sha256" the older versions 2 / 3 (what readers before version 4 accept).
     """
     num_params = sum(int(np.prod(e["shape"])) for e in entries.values())
     raw = sum(s[1] for e in entries.values() for s in e["streams"])
     stored = sum(s[2] for e in entries.values() for s in e["streams"])
     info = dict(info or {})
-    version = ANY_PRECISION_VERSION if any("precisions" in e for e in entries.values()) else FORMAT_VERSION
+    if checksum not in ("blake3", "sha256"):
+        raise ValueError(f"unknown checksum {checksum!r} (blake3 or sha256)")
+    version = (FORMAT_VERSION if checksum == "blake3" else ANY_PRECISION_VERSION
+               if any("precisions" in e for e in entries.values()) else SHA256_VERSION)
     manifest = {"format": FORMAT_NAME, "version": version, "name": name,
                 "base": {"fingerprint": base_fingerprint, **info.pop("base", {})}, **info}
     stats = manifest.setdefault("stats", {})
@@ -73,7 +79,8 @@ def new_manifest(name: str, base_fingerprint: str, entries: dict[str, dict],
 def write_manifest(directory: Path, manifest: dict) -> None:
     """Checksum the payload in `directory` into `files`, then write manifest.json (compact, one line)."""
     payload = directory / PAYLOAD
-    manifest["files"] = {PAYLOAD: {"sha256": sha256_file(payload), "bytes": payload.stat().st_size}}
+    digest = checksum_key(manifest["version"])
+    manifest["files"] = {PAYLOAD: {digest: file_digest(payload, digest), "bytes": payload.stat().st_size}}
     stats = manifest["stats"]
     num_params = stats["num_parameters"]
     text = ""
@@ -119,8 +126,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def new_hasher(digest: str):
+    """A hash object of the named file checksum ("blake3" or "sha256"), with update() and hexdigest()."""
+    if digest == "blake3":
+        import blake3
+
+        return blake3.blake3()
+    return hashlib.sha256()
+
+
+def file_digest(path: Path, digest: str = "sha256") -> str:
+    """Hex blake3 or sha256 of a file, read in 1 MiB blocks."""
+    hasher = new_hasher(digest)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
 def verify_files(path: Path, manifest: dict) -> None:
-    """Check every listed file's size and sha256; raise ChecksumError naming the first bad file.
+    """Check every listed file's size and checksum (blake3 from version 4, else sha256); raise ChecksumError
+    naming the first bad file.
 
     `manifest` must have passed read_manifest (file names are plain names, sizes integers)."""
     for fname, meta in manifest["files"].items():
@@ -134,8 +160,9 @@ def verify_files(path: Path, manifest: dict) -> None:
         if st.st_size != meta["bytes"]:
             raise ChecksumError(f"{file}: size {st.st_size} bytes, manifest says {meta['bytes']} "
                                 "(truncated?)")
-        if sha256_file(file) != meta["sha256"]:
-            raise ChecksumError(f"{file}: sha256 mismatch (corrupted)")
+        digest = checksum_key(manifest["version"])
+        if file_digest(file, digest) != meta[digest]:
+            raise ChecksumError(f"{file}: {digest} mismatch (corrupted)")
 
 
 def fingerprint_model(model_dir: str | Path) -> str:

@@ -17,7 +17,8 @@ import numpy as np
 from deltazip.errors import ArtifactError
 
 FORMAT_NAME = "deltazip.delta"
-READ_VERSIONS = (1, 2, 3)  # 3 adds any-precision linears (bitplanes, `precisions`)
+READ_VERSIONS = (1, 2, 3, 4)  # 3 adds any-precision linears (bitplanes, `precisions`); 4: blake3 checksums
+BLAKE3_VERSION = 4  # from this version on, `files` entries carry `blake3` (earlier: `sha256`)
 MANIFEST = "manifest.json"
 PAYLOAD = "delta.safetensors"
 
@@ -187,14 +188,19 @@ def _validate(m: object) -> None:
         for key, value in _dict(m["stats"], "stats").items():
             if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
                 raise _Fail(f"stats.{key}", f"must be a finite number, not {_show(value)}")
-    _validate_files(_dict(m["files"], "files"))
+    _validate_files(_dict(m["files"], "files"), checksum_key(version))
     tensors = _dict(m["tensors"], "tensors")
     for name, entry in tensors.items():
         _str(name, "tensors", TENSOR_NAME_RE, MAX_TENSOR_NAME)  # a bad key is named by its value
         _validate_tensor(entry, f"tensors.{name}")
 
 
-def _validate_files(files: dict) -> None:
+def checksum_key(version: int) -> str:
+    """The per-file checksum a manifest of `version` records in `files`: "blake3" (4+) or "sha256"."""
+    return "blake3" if version >= BLAKE3_VERSION else "sha256"
+
+
+def _validate_files(files: dict, digest: str = "sha256") -> None:
     if PAYLOAD not in files:
         raise _Fail("files", f"must list {PAYLOAD} (every payload file is checksummed)")
     for fname, meta in files.items():
@@ -202,10 +208,10 @@ def _validate_files(files: dict) -> None:
             raise _Fail("files", f"has an invalid file name {_show(fname)}")
         _str(fname, "files", FILE_NAME_RE, 255)
         meta = _dict(meta, f"files.{fname}")
-        for key in ("sha256", "bytes"):
+        for key in (digest, "bytes"):
             if key not in meta:
                 raise _Fail(f"files.{fname}.{key}", "is missing")
-        _str(meta["sha256"], f"files.{fname}.sha256", SHA256_RE)
+        _str(meta[digest], f"files.{fname}.{digest}", SHA256_RE)  # both digests: 64 lowercase hex
         _int(meta["bytes"], f"files.{fname}.bytes")
 
 

@@ -88,6 +88,10 @@ class Engine:
         from deltazip.format import fingerprint_model
 
         config = config or RuntimeConfig()
+        if config.mode == "full_swap":  # the full-model-swapping baseline (benchmarks/multitenant.py)
+            from deltazip.runtime.full_swap import FullSwapEngine
+
+            return FullSwapEngine.from_config(base_dir, config)
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -358,13 +358,11 @@ DZ_AVX2 void direct_block_fast(const Problem& p, int64_t slot, int64_t nb, int l
 
 template <int BITS, bool SPARSE, bool FAST>
 DZ_AVX2 void direct_rows_impl(const Problem& p, const Seg& seg, int64_t n0, int64_t n1) {
-  const bool rb8 = std::getenv("DELTAZIP_NATIVE_RB4") == nullptr;
   for (int64_t nb = n0; nb < n1; nb += 8) {
     const int lanes = (int)std::min<int64_t>(8, n1 - nb);
     int64_t r = 0;
     if constexpr (FAST) {
-      if (rb8) for (; r + 8 <= seg.count; r += 8) direct_block_fast<BITS, SPARSE, 8>(p, seg.slot, nb, lanes, seg.rows + r);
-      for (; r + 4 <= seg.count; r += 4) direct_block_fast<BITS, SPARSE, 4>(p, seg.slot, nb, lanes, seg.rows + r);
+      for (; r + 8 <= seg.count; r += 8) direct_block_fast<BITS, SPARSE, 8>(p, seg.slot, nb, lanes, seg.rows + r);
       if (r + 4 <= seg.count) { direct_block_fast<BITS, SPARSE, 4>(p, seg.slot, nb, lanes, seg.rows + r); r += 4; }
       if (r + 2 <= seg.count) { direct_block_fast<BITS, SPARSE, 2>(p, seg.slot, nb, lanes, seg.rows + r); r += 2; }
       if (r < seg.count) direct_block_fast<BITS, SPARSE, 1>(p, seg.slot, nb, lanes, seg.rows + r);
