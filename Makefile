@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python -c "import deltazip.kernels"  # build the native CPU kernel once, before tests run in parallel processes
 	$(BIN)/python -m pytest -q
 
 # 10,000 seeded mutations of real artifacts (benchmarks/fuzz_artifacts.py); counts go to benchmarks/RESULTS.md.
