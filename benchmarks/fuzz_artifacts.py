@@ -33,6 +33,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -85,6 +86,10 @@ def make_seeds(root: Path, extra: list[Path] = ()) -> list[Path]:
                             {"model.embed_tokens": _random_packed(5, 32, 2, False, 32, gen),
                              "model.layers.1.mlp.up_proj": _random_packed(1, 32, 4, True, 16, gen)}, {}))
     seeds.append(_as_version_1(a, root / "v1.dz"))
+    if "checksum" in signature(save_delta).parameters:  # a sha256 (version 2/3) seed beside blake3
+        seeds.append(save_delta(root / "d.dz", "d", FINGERPRINT,
+                                {"lm_head": _random_packed(4, 64, 2, True, 32, gen)},
+                                {"model.norm.weight": torch.randn(64, generator=gen)}, checksum="sha256"))
     for i, path in enumerate(extra):
         dest = root / f"extra{i}.dz"
         shutil.copytree(path, dest)
@@ -250,11 +255,11 @@ def mutate_manifest(manifest: dict, rng: random.Random) -> tuple[dict | None, by
             m["files"].pop(PAYLOAD, None)
         elif choice == 3:
             m["files"][rng.choice(["../x", "/etc/passwd", MANIFEST, "", "a\x00b", "extra.bin"])] = \
-                {"sha256": "0" * 64, "bytes": 0}
+                {_digest_key(m): "0" * 64, "bytes": 0}
         elif choice == 4:
             m["files"][PAYLOAD]["bytes"] = rng.choice([0, 2**40, -1, 2**64, "1"])
         else:
-            m["files"][PAYLOAD]["sha256"] = rng.choice(["0" * 64, "", "A" * 64, None])
+            m["files"][PAYLOAD][_digest_key(m)] = rng.choice(["0" * 64, "", "A" * 64, None])
     elif op == "text":
         text = bytearray(json.dumps(manifest, separators=(",", ":")).encode())
         choice = rng.randrange(6)
@@ -349,13 +354,26 @@ def _small_regular(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def _digest_key(manifest) -> str:
+    """The checksum a manifest's version records in `files` (blake3 from version 4, else sha256)."""
+    from deltazip.format.schema import checksum_key
+
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    return checksum_key(version) if isinstance(version, int) and not isinstance(version, bool) else "sha256"
+
+
 def resign(art: Path) -> None:
-    """Recompute the payload's sha256 and size in the manifest (when it parses): the mutation then reaches
+    """Recompute the payload's checksum and size in the manifest (when it parses): the mutation then reaches
     past the checksums into the decoder."""
+    from deltazip.format.manifest import new_hasher
+
     try:
         manifest = json.loads(_small_regular(art / MANIFEST))
         payload = art / PAYLOAD
-        manifest["files"][PAYLOAD] = {"sha256": hashlib.sha256(_small_regular(payload)).hexdigest(),
+        key = _digest_key(manifest)
+        hasher = new_hasher(key)
+        hasher.update(_small_regular(payload))
+        manifest["files"][PAYLOAD] = {key: hasher.hexdigest(),
                                       "bytes": payload.stat().st_size}
         (art / MANIFEST).write_text(json.dumps(manifest))
     except Exception:  # noqa: BLE001 - an unparseable manifest stays as the mutation left it
@@ -380,6 +398,8 @@ def resign_table(art: Path) -> None:
 
 
 def mutate_files(art: Path, rng: random.Random, outside: Path) -> str:
+    from deltazip.format.manifest import new_hasher
+
     choice = rng.randrange(11)
     payload, manifest = art / PAYLOAD, art / MANIFEST
     if choice == 0:
@@ -412,12 +432,14 @@ def mutate_files(art: Path, rng: random.Random, outside: Path) -> str:
         data = rng.randbytes(rng.randrange(100))
         (art / "extra.bin").write_bytes(data)
         m = json.loads(_small_regular(manifest))
-        m["files"]["extra.bin"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        hasher = new_hasher(_digest_key(m))
+        hasher.update(data)
+        m["files"]["extra.bin"] = {_digest_key(m): hasher.hexdigest(), "bytes": len(data)}
         manifest.write_text(json.dumps(m))
     else:
         (art / "extra.bin").write_bytes(b"x")
         m = json.loads(_small_regular(manifest))
-        m["files"]["extra.bin"] = {"sha256": "0" * 64, "bytes": 1}
+        m["files"]["extra.bin"] = {_digest_key(m): "0" * 64, "bytes": 1}
         manifest.write_text(json.dumps(m))
     return f"files-{choice}"
 

@@ -8,7 +8,14 @@ from click.testing import CliRunner
 from factories import compress_inputs
 
 from deltazip.compress import compress_model
-from deltazip.compress.allocate import Profile, allocate, check_reachable, relative_error
+from deltazip.compress.allocate import (
+    Profile,
+    allocate,
+    check_floor,
+    check_reachable,
+    floor_bytes,
+    relative_error,
+)
 from deltazip.config import CompressConfig
 from deltazip.errors import DeltazipError
 from deltazip.format import load_delta, read_manifest
@@ -48,6 +55,10 @@ def test_unreachable_targets_name_the_achievable_range():
     with pytest.raises(DeltazipError, match="--budget-bytes 5000 cannot be met"):
         check_reachable(fp16, 5000, 300, p, 0.0, 5000)
     check_reachable(fp16, 1000, 300, p, 20.0, 0)  # inside the range: no error
+    with pytest.raises(DeltazipError, match=r"--target-ratio 900 cannot be met \(below the 120-byte floor .*"
+                                            r"achievable range is below 166\.67x"):
+        check_floor(fp16, 22, 120, 900.0, 0)
+    assert floor_bytes({"a": (10,), "w": (4, 4)}, {}) == 20 + 2
 
 
 def test_relative_error_is_scale_free():
@@ -96,7 +107,7 @@ def test_unreachable_target_ratio_is_one_clear_line(synthetic, tmp_path):
     import dataclasses
 
     for ratio in (500.0, 1.5):
-        match = r"cannot be met.*achievable range is [0-9.]+x–[0-9.]+x"
+        match = r"cannot be met.*achievable range is (below [0-9.]+x|[0-9.]+x–[0-9.]+x)"
         with pytest.raises(DeltazipError, match=match) as err:
             compress_model(synthetic / "base", synthetic / "ft", tmp_path / "u.dz",
                            dataclasses.replace(FAST, target_ratio=ratio), calib=synthetic / "calib.jsonl")

@@ -237,3 +237,20 @@ def test_concurrent_requests_share_one_stream_and_errors_stay_alone(live_server)
                 "".join(json.loads(line[6:])["choices"][0]["text"] for line in response.text.splitlines()
                         if line.startswith("data: {")))
         assert text == want[jobs[i]]["choices"][0]["text"]
+
+
+def test_variant_lifecycle_needs_loopback_or_the_admin_token(live_server):
+    from fastapi.testclient import TestClient
+
+    from deltazip.serving.openai_api import FrontSettings, create_app
+
+    settings = FrontSettings.from_build(live_server.build_dir, live_server.triton.grpc_url,
+                                        admin_token="s3cret")
+    with TestClient(create_app(settings)) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            response = client.post("/v1/variants/unload", json={"name": "nope"}, headers=headers)
+            assert response.status_code == 403 and response.json()["error"]["code"] == "forbidden"
+        response = client.post("/v1/unload_lora_adapter", json={"lora_name": "nope"},
+                               headers={"Authorization": "Bearer s3cret"})
+        assert response.status_code == 404  # past the check: the variant is unknown
+        assert client.post("/v1/completions", json=GOOD).status_code == 200  # completions need no token

@@ -236,3 +236,24 @@ def test_variants_cli(live_server, tiny_deltas, tmp_path):
     assert result.exit_code == 2 and "unknown variant 'cli-sort'" in result.output
     result = runner.invoke(cli, ["variants", "list", "--url", "http://127.0.0.1:9"])
     assert result.exit_code == 2 and "cannot reach" in result.output
+
+
+@pytest.mark.slow
+def test_a_restarted_server_serves_what_was_added(live_server, tiny_deltas, tmp_path):
+    """The store is the source of truth: a second tritonserver started on the same build (what a restart
+    serves) answers for a variant added live, exactly as the live server does."""
+    from deltazip.serving.client import generate_grpc
+    from deltazip.serving.server import TritonServer
+
+    url = live_server.front.url
+    art = artifact_copy(tiny_deltas["sort"], tmp_path / "kept.dz", name="kept")
+    assert httpx.post(f"{url}/v1/variants/load", json={"name": "kept", "path": str(art)},
+                      timeout=120).status_code == 200
+    prompt = load_eval_set(live_server.family.eval_path("sort"))[0]["prompt"]
+    want = generate_grpc(live_server.triton.grpc_url, prompt, "kept", stream=False, max_tokens=8)
+    try:
+        with TritonServer(live_server.build_dir) as restarted:
+            got = generate_grpc(restarted.grpc_url, prompt, "kept", stream=False, max_tokens=8)
+        assert (got.text, got.completion_tokens) == (want.text, want.completion_tokens)
+    finally:
+        assert httpx.post(f"{url}/v1/variants/unload", json={"name": "kept"}, timeout=120).status_code == 200

@@ -18,14 +18,18 @@ def _front_url(ctx: click.Context, url: str | None) -> str:
 def _call(method: str, url: str, body: dict | None = None, timeout_s: float = 600.0) -> dict:
     """One JSON request to the front; its OpenAI error JSON becomes a one-line DeltazipError."""
     import json
+    import os
     import urllib.error
     import urllib.request
 
     from deltazip.errors import DeltazipError
 
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get("DELTAZIP_ADMIN_TOKEN")
+    if token:  # a server started with DELTAZIP_ADMIN_TOKEN wants it for load/unload
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())

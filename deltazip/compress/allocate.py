@@ -122,13 +122,20 @@ def allocate(profile: Profile, budget: int) -> dict[str, tuple[int, str]]:
 class Sensitivity:
     """KL(fine-tune ‖ fine-tune with one tensor perturbed) on calibration windows (whole model in memory)."""
 
-    def __init__(self, target_dir, tokens: torch.Tensor) -> None:
+    def __init__(self, target_dir, tokens: torch.Tensor, base_dir=None) -> None:
         from deltazip.hf import load_model
 
+        self.tokens = tokens[:SENSITIVITY_SEQUENCES].cpu()
+        self.weights = None
+        if base_dir is not None:  # weight tokens by how far the fine-tune moved them from the base
+            self.model, _ = load_model(base_dir)
+            base_logp = self._logp()
         self.model, _ = load_model(target_dir)
         self.params = dict(self.model.named_parameters())
-        self.tokens = tokens[:SENSITIVITY_SEQUENCES].cpu()
         self.reference = self._logp()
+        if base_dir is not None:
+            moved = (self.reference.exp() * (self.reference - base_logp)).sum(-1)  # KL(ft ‖ base) per token
+            self.weights = moved / moved.sum().clamp_min(1e-30)
 
     @torch.no_grad()
     def _logp(self) -> torch.Tensor:
@@ -145,12 +152,30 @@ class Sensitivity:
             logp = self._logp()
         finally:
             p.data.copy_(keep)
+        if self.weights is not None:
+            per_token = (self.reference.exp() * (self.reference - logp)).sum(-1)
+            return float((per_token * self.weights).sum())
         return float(torch.nn.functional.kl_div(logp, self.reference, log_target=True, reduction="batchmean"))
 
 
 def budget_for(fp16_bytes: int, target_ratio: float, budget_bytes: int) -> int:
     """The artifact byte budget: --budget-bytes, else fp16 bytes / --target-ratio."""
     return budget_bytes if budget_bytes > 0 else int(fp16_bytes / target_ratio)
+
+
+def floor_bytes(shapes: dict[str, tuple[int, ...]], info: dict) -> int:
+    """A lower bound on any artifact of this model, known before profiling: half the raw bytes of the exact
+    (1-D: norms, biases) deltas as float32 plus the manifest fields other than tensors."""
+    exact = sum(4 * math.prod(shape) for shape in shapes.values() if len(shape) == 1)
+    return exact // 2 + len(json.dumps(info, separators=(",", ":")))
+
+
+def check_floor(fp16_bytes: int, budget: int, floor: int, target_ratio: float, budget_bytes: int) -> None:
+    """Fail at once, before the profiling pass, when the budget is below the exact-tensor floor."""
+    if budget < floor:
+        asked = f"--budget-bytes {budget_bytes}" if budget_bytes > 0 else f"--target-ratio {target_ratio:g}"
+        raise DeltazipError(f"{asked} cannot be met (below the {floor}-byte floor of exact tensors + "
+                            f"manifest): this model's achievable range is below {fp16_bytes / floor:.2f}x")
 
 
 def check_reachable(fp16_bytes: int, budget: int, overhead: int, profile: Profile, target_ratio: float,

@@ -169,11 +169,37 @@ def _initial_row_scales(w: torch.Tensor, bits: int, sparse24: bool, prune_fracti
 
 def _round_to_nearest(w: torch.Tensor, bits: int, sparse24: bool, prune_fraction: float,
                       group: int) -> tuple[torch.Tensor, ...]:
-    """No Hessian: magnitude pruning and round-to-nearest, vectorised over the whole matrix."""
+    """No Hessian (H = I): magnitude-aware pruning and round-to-nearest, vectorised over the whole matrix;
+    then once more against the least-squares scales, keeping per row the pass with the smaller error."""
     n_rows, n_cols = w.shape
     scales = torch.cat([fit_scale(w[:, g:g + group], bits, likely_kept(w[:, g:g + group], sparse24,
                                                                         1.0 - prune_fraction))
                         for g in range(0, n_cols, group)], dim=1)
+    best = None
+    for _ in range(2):
+        steps, pruned = _rtn_pass(w, scales, bits, sparse24, prune_fraction, group)
+        scales = _fp16(_identity_refit(w, steps, scales, group))
+        err = (steps * scales.repeat_interleave(group, dim=1) - w).square().sum(1, keepdim=True)
+        if best is None:
+            best = (steps, pruned, scales, err)
+            continue
+        better = err < best[3]
+        steps, pruned = torch.where(better, steps, best[0]), torch.where(better, pruned, best[1])
+        scales = torch.where(better, scales, best[2])
+    return steps, pruned, scales
+
+
+def _identity_refit(w: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """Per group, s = Σ u·w / Σ u² (least squares with H = I); the old scale where u is all zero."""
+    n_rows = w.shape[0]
+    num = (steps * w).reshape(n_rows, -1, group).sum(-1)
+    den = steps.square().reshape(n_rows, -1, group).sum(-1)
+    return torch.where(den > 0, num / den.clamp_min(1e-30), scales)
+
+
+def _rtn_pass(w: torch.Tensor, scales: torch.Tensor, bits: int, sparse24: bool, prune_fraction: float,
+              group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows, n_cols = w.shape
     full = scales.repeat_interleave(group, dim=1)
     z, top = zero_code(bits), (1 << bits) - 1 - zero_code(bits)
     steps = torch.round(w / full).clamp_(-z, top)
@@ -188,7 +214,7 @@ def _round_to_nearest(w: torch.Tensor, bits: int, sparse24: bool, prune_fraction
     else:
         pruned = torch.zeros_like(w, dtype=torch.bool)
     steps[pruned] = 0
-    return steps, pruned, scales
+    return steps, pruned
 
 
 @contextlib.contextmanager

@@ -246,6 +246,8 @@ def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.T
     with the plan; the budget shrinks by any overshoot of the estimate and the plan is redone (≤ 2 times)."""
     fp16_bytes = 2 * sum(math.prod(target.shape(n)) for n in target.names())
     budget = alloc.budget_for(fp16_bytes, settings.target_ratio, settings.budget_bytes)
+    floor = alloc.floor_bytes({n: tuple(target.shape(n)) for n in target.names()}, info)
+    alloc.check_floor(fp16_bytes, budget, floor, settings.target_ratio, settings.budget_bytes)
     profile = alloc.Profile()
     scratch_linears: dict = {}
     scratch_exact: dict = {}
@@ -256,7 +258,7 @@ def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.T
     quick = dataclasses.replace(settings, tune_steps=0)
     sensitivity = None  # measuring loads the whole fine-tune: small models only (else relative error)
     if fp16_bytes // 2 <= alloc.SENSITIVITY_MAX_PARAMS:
-        sensitivity = alloc.Sensitivity(target.dir, tokens)
+        sensitivity = alloc.Sensitivity(target.dir, tokens, base.dir)
     else:
         log.info("budget allocation: %d parameters, above %d: relative output error without the measured "
                  "sensitivity", fp16_bytes // 2, alloc.SENSITIVITY_MAX_PARAMS)

@@ -24,7 +24,9 @@ anything reaches tritonserver (its own HTTP endpoint crashes on very deep JSON; 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import os
 import socket
 import threading
 import time
@@ -92,6 +94,8 @@ class FrontSettings:
     request_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
     aliases: tuple[str, ...] = field(default_factory=tuple)  # more names of the base model
+    # variant load/unload: loopback clients only, unless they send "Authorization: Bearer <admin_token>"
+    admin_token: str | None = field(default_factory=lambda: os.environ.get("DELTAZIP_ADMIN_TOKEN") or None)
 
     @classmethod
     def from_build(cls, build_dir: str | Path, grpc_url: str, **overrides) -> FrontSettings:
@@ -480,6 +484,18 @@ def create_app(settings: FrontSettings):
                            param="model", code="model_not_found")
         return model, model
 
+    def authorize(request) -> None:
+        """Variant lifecycle: a loopback client, or the admin token (a front exposed with --openai-host
+        0.0.0.0 serves completions to everyone, but loads and unloads only for whoever holds the token)."""
+        header = request.headers.get("authorization", "")
+        if settings.admin_token and hmac.compare_digest(header, f"Bearer {settings.admin_token}"):
+            return
+        host = request.client.host if request.client else ""
+        if host in ("127.0.0.1", "::1", "localhost", "testclient") and not settings.admin_token:
+            return
+        raise ApiError(403, "variant load/unload needs a loopback client, or 'Authorization: Bearer <token>' "
+                       "with the server's DELTAZIP_ADMIN_TOKEN", kind="permission_error", code="forbidden")
+
     def admit() -> None:
         if state["pending"] >= settings.max_pending:
             raise ApiError(503, f"server overloaded: {state['pending']} requests in flight (limit "
@@ -618,22 +634,26 @@ def create_app(settings: FrontSettings):
 
     @app.post("/v1/variants/load")
     async def variants_load(request: Request):
+        authorize(request)
         body = await read_json(request, settings)
         return JSONResponse(await asyncio.to_thread(add, body.get("name"), body.get("path")))
 
     @app.post("/v1/variants/unload")
     async def variants_unload(request: Request):
+        authorize(request)
         body = await read_json(request, settings)
         return JSONResponse(await asyncio.to_thread(remove, body.get("name"), body.get("timeout_s")))
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
+        authorize(request)
         body = await read_json(request, settings)
         result = await asyncio.to_thread(add, body.get("lora_name"), body.get("lora_path"))
         return Response(f"Success: variant {result['name']} added.", media_type="text/plain")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
+        authorize(request)
         body = await read_json(request, settings)
         result = await asyncio.to_thread(remove, body.get("lora_name"), body.get("timeout_s"))
         return Response(f"Success: variant {result['name']} removed.", media_type="text/plain")
