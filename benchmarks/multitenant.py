@@ -238,6 +238,7 @@ async def _replay(url: str, trace: list[Request], drain_s: float) -> list[dict]:
     from deltazip.serving.protocol import MODEL_NAME
 
     records = [{"sent": None, "first": None, "end": None, "tokens": 0, "error": None} for _ in trace]
+    errors: list[str] = []
     remaining = len(trace)
     all_done = asyncio.Event()
     if not trace:
@@ -260,8 +261,12 @@ async def _replay(url: str, trace: list[Request], drain_s: float) -> list[dict]:
         nonlocal remaining
         async for result, error in client.stream_infer(requests()):
             now = time.perf_counter()
-            if error is not None:
-                remaining -= 1  # cannot be mapped to a request id: counted below as unfinished
+            if error is not None:  # an error response ends its request; it counts as not completed
+                errors.append(str(error)[:200])
+                remaining -= 1
+                if remaining <= 0:
+                    all_done.set()
+                    return
                 continue
             response = result.get_response()
             rec = records[int(response.id)]
@@ -286,6 +291,8 @@ async def _replay(url: str, trace: list[Request], drain_s: float) -> list[dict]:
     finally:
         all_done.set()
         await client.close()
+    if errors:
+        records[0]["errors"] = errors
     return records
 
 
@@ -307,6 +314,7 @@ def summarize(trace: list[Request], records: list[dict], slo_s: float, rate: flo
         return float(np.percentile(xs, q)) if xs else math.nan
 
     return {"rate": rate, "offered": len(trace), "completed": len(done),
+            "errors": len(records[0].get("errors", [])) if records else 0,
             "req_s": len(done) / span if span > 0 else math.nan,
             "tok_s": sum(r["tokens"] for r in done) / span if span > 0 else math.nan,
             "ttft_mean": statistics.fmean(ttft) if ttft else math.nan, "ttft_p50": pct(ttft, 50),
@@ -322,7 +330,6 @@ def run_system(system: str, v: Variants, work: Path, cfg, plan: list[tuple], arg
     """Build, serve, warm up, replay every (alpha, rate) trace of `plan`; rows of results. `spot`: (variant,
     prompt) pairs asked greedily after the warm-up, their answers stored in answers[system]."""
     from deltazip.builder.build import build
-    from deltazip.serving.server import TritonServer
 
     out = work / f"build-{system}"
     build(v.base, v.store, out, cfg)
@@ -330,7 +337,8 @@ def run_system(system: str, v: Variants, work: Path, cfg, plan: list[tuple], arg
     bytes_per_load = (budget_cache["artifact_bytes"] if system == "deltazip" else
                       budget_cache["checkpoint_bytes"])
     rows = []
-    with TritonServer(out, stats_path=stats, log_path=work / f"triton-{system}.log") as server:
+    server = _start_server(out, stats, work / f"triton-{system}.log")
+    try:
         replay(server.grpc_url, [Request(0.05 * i, n, "reverse abc=", 2) for i, n in enumerate(v.names)],
                args.drain)
         if spot:
@@ -354,12 +362,30 @@ def run_system(system: str, v: Variants, work: Path, cfg, plan: list[tuple], arg
                 f"{row['completed']}/{row['offered']} req/s {row['req_s']:.2f} "
                 f"e2e mean {row['e2e_mean']:.2f}s slo {row['slo']:.2f} swaps {row['swap_ins']} "
                 f"(load {os.getloadavg()[0]:.1f})")
-            if row["completed"] < row["offered"]:
+            if row["errors"]:
+                log(f"    {row['errors']} error responses, e.g. {records[0]['errors'][0]}")
+            if row["completed"] + row["errors"] < row["offered"]:  # did not drain: saturated
                 saturated.add((alpha,))
+    finally:
+        server.stop()
     return rows
 
 
 budget_cache: dict = {}
+
+
+def _start_server(out: Path, stats: Path, log_path: Path, attempts: int = 3):
+    """A started TritonServer; retried on a start failure (free ports are picked by binding port 0, and on a
+    machine shared with other servers two picks can collide)."""
+    from deltazip.serving.server import ServerError, TritonServer
+
+    for attempt in range(attempts):
+        try:
+            return TritonServer(out, stats_path=stats, log_path=log_path).start()
+        except ServerError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
 
 
 def _wait_idle(server, timeout_s: float = 2.0) -> None:

@@ -40,13 +40,13 @@ def test_smoke_run_all_systems_through_tritonserver(mt, tiny_family, tiny_deltas
                      resident_limit_bytes=1 << 30)
     spot = [(name, f"{name} {word}=") for name in v.names for word in ("abc", "hello")]
     answers: dict = {}
-    rows, budgets = mt.run_matrix(v, [len(v.names)], [1.0], [3.0], args, tmp_path / "work", log=lambda _: None,
-                                  spot=spot, answers=answers)
+    rows, budgets = mt.run_matrix(v, [len(v.names)], [1.0], [3.0], args, tmp_path / "work",
+                                  log=lambda _: None, spot=spot, answers=answers)
     assert {r["system"] for r in rows} == set(mt.SYSTEMS)
     budget = budgets[len(v.names)]
     assert budget["k"] >= 1 and budget["budget_bytes"] > budget["base_bytes"]
     for row in rows:
-        assert row["completed"] == row["offered"] > 0, row
+        assert row["completed"] == row["offered"] > 0 and row["errors"] == 0, row
         assert row["req_s"] > 0 and row["e2e_p50"] >= row["ttft_p50"] > 0
     swap = next(r for r in rows if r["system"] == "full-swap")
     if budget["k"] < len(v.names):

@@ -4,9 +4,11 @@ A profiling pass solves every tensor at every candidate layout (bits × sparsity
 the bytes it is stored in (its streams after zstd, as written) and its local distortion: the Hessian-weighted
 output error ‖(Ŵ − Δ)X‖² relative to the delta's own output energy ‖ΔX‖². A measured sensitivity turns
 local error into model damage: for each tensor, the KL divergence of the fine-tune's next-token
-distribution when only that tensor's delta is replaced by its PROBE layout, on calibration windows; a
-candidate's predicted damage is KL_probe · err_candidate / err_probe. (Measured in benchmarks/RESULTS.md,
-"Ratio exploration": absolute error < relative error < measured sensitivity at the same bytes.) A Lagrangian
+distribution when only that tensor's delta is replaced by its PROBE layout, on calibration windows, each
+token weighted by how far the fine-tune moved it from the base (KL(fine-tune ‖ base) at that token: the
+tokens the fine-tune is about); a candidate's predicted damage is KL_probe · err_candidate / err_probe.
+(Measured in benchmarks/RESULTS.md, "Ratio exploration": absolute error < relative error < measured
+sensitivity < token-weighted measured sensitivity at the same bytes.) A Lagrangian
 then picks, for one multiplier λ, each tensor's candidate minimizing damage + λ·bytes, and λ is bisected so
 the whole artifact (the picked streams plus the exact tensors, the manifest and the payload header) fits.
 """
@@ -120,7 +122,8 @@ def allocate(profile: Profile, budget: int) -> dict[str, tuple[int, str]]:
 
 
 class Sensitivity:
-    """KL(fine-tune ‖ fine-tune with one tensor perturbed) on calibration windows (whole model in memory)."""
+    """KL(fine-tune ‖ fine-tune with one tensor perturbed) on calibration windows (whole model in memory),
+    tokens weighted by KL(fine-tune ‖ base) when the base is given (the base is loaded once, then dropped)."""
 
     def __init__(self, target_dir, tokens: torch.Tensor, base_dir=None) -> None:
         from deltazip.hf import load_model

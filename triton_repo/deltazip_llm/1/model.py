@@ -162,10 +162,14 @@ class TritonPythonModel:
                     flags=FINAL)
 
     def _write_stats(self) -> None:
-        tmp = f"{self.stats_path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.engine.stats(), f)
-        os.replace(tmp, self.stats_path)  # readers see the whole file or the previous one
+        # one temp file per waiter thread: two results finishing at once must not replace each other's file
+        tmp = f"{self.stats_path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.engine.stats(), f)
+            os.replace(tmp, self.stats_path)  # readers see the whole file or the previous one
+        except OSError as e:  # the stats file is a diagnostic: it never fails the request
+            pb_utils.Logger.log_warn(f"deltazip_llm: cannot write engine stats: {e!r}")
 
     # -- control requests (variant lifecycle) -----------------------------------------------------------
     def _control(self, sender, array) -> None:
