@@ -511,7 +511,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(SHAPES), default="small")
     parser.add_argument("--variants", default="8,32", help="V values (comma separated)")
     parser.add_argument("--alphas", default="0,1.0,1.5", help="Zipf exponents (0 = uniform)")
-    parser.add_argument("--rates", default="1,2,4,8", help="offered rates, req/s")
+    parser.add_argument("--rates", default="2,6,12", help="offered rates, req/s")
     parser.add_argument("--distinct", type=int, default=4, help="distinct random deltas behind the V names")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds of arrivals per trace")
     parser.add_argument("--drain", type=float, default=8.0, help="seconds allowed after the last arrival")

@@ -24,8 +24,12 @@ _configured: int | None = None
 
 def early_env() -> None:
     """Environment for OpenMP before any runtime starts: passive waiting (idle threads sleep, never spin),
-    unless the user chose otherwise. Inherited by child processes (tritonserver, its Python backend)."""
+    and run-to-run reproducible MKL results, unless the user chose otherwise. Inherited by child processes
+    (tritonserver, its Python backend)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # MKL picks GEMM code paths by buffer alignment unless told not to: the same compression run twice
+    # could differ in the last bits (and `compress --resume` could not reproduce an uninterrupted run)
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
 def affinity_cpus() -> int:

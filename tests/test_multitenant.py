@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ def mt():
     script = Path(__file__).parent.parent / "benchmarks" / "multitenant.py"
     spec = importlib.util.spec_from_file_location("multitenant", script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["multitenant"] = module  # its dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 

@@ -118,6 +118,6 @@ def test_long_modules_say_why():
     long = []
     for module, path in all_modules().items():
         text = path.read_text()
-        if len(text.splitlines()) > MAX_LINES and "over 400 lines" not in text[:2000]:
+        if len(text.splitlines()) > MAX_LINES and "over 400 lines" not in text[:2000].replace("\n", " "):
             long.append(f"{module} ({len(text.splitlines())} lines)")
     assert long == []

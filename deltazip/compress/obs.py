@@ -11,6 +11,8 @@ new scale only where it lowers the estimated error.
 
 Layout: the sweep runs on Wᵀ [K, N] so a column is a contiguous row; the per-column work runs on one
 thread (tiny ops lose more to thread hand-off than they gain), the GEMMs on all of torch's threads.
+This module is over 400 lines: the sweep, the factorisation it needs, the scale refit and the 2:4 packing
+are one solver and are read together.
 """
 
 from __future__ import annotations

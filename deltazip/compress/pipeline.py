@@ -1,4 +1,8 @@
-"""compress_model: base + fine-tune → delta artifact, block by block with sequential propagation."""
+"""compress_model: base + fine-tune → delta artifact, block by block with sequential propagation.
+
+This module is over 400 lines: the one block loop (device, checkpoints and replay for --resume, scale
+tuning, the budgeted profile-then-plan run) shares its state; the pieces are read together.
+"""
 
 from __future__ import annotations
 

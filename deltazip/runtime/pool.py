@@ -4,6 +4,7 @@ Disk → host runs on a loader thread (lossless decode, checksums verified once,
 or on the caller's thread when it acquires a delta nobody is loading; host → slot runs on the caller's thread
 (the engine loop, between steps). A delta pinned by an in-flight request is never evicted from its slot;
 concurrent misses on one delta share one load (one future per version).
+Slightly over 400 lines: one class whose single lock guards every tier; split, that lock would span modules.
 """
 
 from __future__ import annotations

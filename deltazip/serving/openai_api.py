@@ -26,18 +26,27 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import os
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' (string) annotations here
 
 from deltazip.errors import DeltazipError
-from deltazip.serving.protocol import MODEL_NAME
+from deltazip.serving.forwarder import TritonForwarder
+from deltazip.serving.openai_requests import (
+    OWNER,
+    ApiError,
+    ChatPrompter,
+    FrontSettings,
+    chat_messages,
+    completion_prompt,
+    is_number,
+    read_json,
+    sampling_params,
+)
 from deltazip.serving.variants import (
     VariantError,
     check_variant_name,
@@ -48,376 +57,6 @@ from deltazip.serving.variants import (
     unlink_variant,
     variant_info,
 )
-
-MAX_BODY_BYTES = 1 << 20
-MAX_JSON_DEPTH = 32
-MAX_STOP = 4
-OWNER = "deltazip"
-
-# OpenAI fields that would change the answer and are not implemented: refused unless at their default.
-REJECTED_UNLESS_DEFAULT = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "tool_choice": (None, "none", "auto"),
-    "functions": (None, []), "function_call": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
-}
-# everything else that is not a field we use (user, metadata, store, service_tier, …) is ignored
-
-
-class ApiError(Exception):
-    """One request's error, as OpenAI reports it."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code if self.code is not None else self.status}}
-
-
-@dataclass
-class FrontSettings:
-    """What the front needs to know about the build it serves."""
-
-    grpc_url: str
-    store: Path
-    base_dir: Path
-    base_id: str
-    base_fingerprint: str
-    max_context: int
-    max_pending: int = 256
-    max_body_bytes: int = MAX_BODY_BYTES
-    max_json_depth: int = MAX_JSON_DEPTH
-    request_timeout_s: float = 600.0
-    drain_timeout_s: float = 30.0
-    aliases: tuple[str, ...] = field(default_factory=tuple)  # more names of the base model
-    # variant load/unload: loopback clients only, unless they send "Authorization: Bearer <admin_token>"
-    admin_token: str | None = field(default_factory=lambda: os.environ.get("DELTAZIP_ADMIN_TOKEN") or None)
-
-    @classmethod
-    def from_build(cls, build_dir: str | Path, grpc_url: str, **overrides) -> FrontSettings:
-        from deltazip.builder.build import load_build
-
-        build = load_build(Path(build_dir))
-        base = str(build["inputs"]["base"])
-        base_id = Path(base).name if "/" in base else base
-        return cls(grpc_url=grpc_url, store=Path(build["inputs"]["deltas_dir"]),
-                   base_dir=Path(build["inputs"]["base_dir"]), base_id=base_id,
-                   base_fingerprint=build["base_fingerprint"],
-                   max_context=int(build["settings"]["runtime"]["max_context"]),
-                   aliases=tuple({base} - {base_id}), **overrides)
-
-
-# -- request parsing ------------------------------------------------------------------------------------
-def _depth_ok(value, limit: int) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return False
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return True
-
-
-async def read_json(request, settings: FrontSettings) -> dict:
-    """The body as a JSON object; 413 when larger than the limit (checked before reading), 400 when
-    malformed or nested deeper than the limit."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise ApiError(400, "Content-Length is not a number") from None
-        if size > settings.max_body_bytes:
-            raise ApiError(413, f"request body is {size} bytes; the limit is {settings.max_body_bytes}",
-                           code="body_too_large")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > settings.max_body_bytes:
-            raise ApiError(413, f"request body exceeds {settings.max_body_bytes} bytes",
-                           code="body_too_large")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        body = json.loads(raw)
-    except RecursionError:
-        raise ApiError(400, f"JSON body is nested too deeply (limit {settings.max_json_depth})",
-                       code="json_too_deep") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "JSON body must be an object")
-    if not _depth_ok(body, settings.max_json_depth):
-        raise ApiError(400, f"JSON body is nested too deeply (limit {settings.max_json_depth})",
-                       code="json_too_deep")
-    return body
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def sampling_params(body: dict, max_context: int, chat: bool) -> dict:
-    """OpenAI sampling fields → deltazip_llm parameters (validated; ApiError 400 naming the field)."""
-    for name, defaults in REJECTED_UNLESS_DEFAULT.items():
-        if name in body and body[name] not in defaults:
-            raise ApiError(400, f"'{name}' is not supported by this server (leave it unset)", param=name,
-                           code="unsupported_parameter")
-    n = body.get("n", 1)
-    if n is not None and (not _is_int(n) or n != 1):
-        raise ApiError(400, f"'n' must be 1 (one choice per request), got {n!r}", param="n")
-    params: dict = {}
-    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = body.get(key)
-    if max_tokens is not None:
-        if not _is_int(max_tokens):
-            raise ApiError(400, f"'{key}' must be an integer, got {type(max_tokens).__name__}", param=key)
-        if not 1 <= max_tokens < max_context:
-            raise ApiError(400, f"'{key}' must be in [1, {max_context - 1}] (the context holds {max_context} "
-                           f"tokens), got {max_tokens}", param=key)
-        params["max_tokens"] = max_tokens
-    for name, low, high, low_open in (("temperature", 0.0, 2.0, False), ("top_p", 0.0, 1.0, True)):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not _is_number(value):
-            raise ApiError(400, f"'{name}' must be a number, got {type(value).__name__}", param=name)
-        if (value <= low if low_open else value < low) or value > high:
-            bounds = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
-            raise ApiError(400, f"'{name}' must be in {bounds}, got {value}", param=name)
-        params[name] = float(value)
-    top_k = body.get("top_k")  # a common extension (vLLM); 0 or -1 = off
-    if top_k is not None:
-        if not _is_int(top_k) or top_k < -1:
-            raise ApiError(400, f"'top_k' must be an integer >= -1, got {top_k!r}", param="top_k")
-        params["top_k"] = max(top_k, 0)
-    seed = body.get("seed")
-    if seed is not None:
-        if not _is_int(seed) or not 0 <= seed < 2**63:
-            raise ApiError(400, f"'seed' must be an integer in [0, 2^63), got {seed!r}", param="seed")
-        params["seed"] = seed
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-        if len(stops) > MAX_STOP:
-            raise ApiError(400, f"'stop' holds at most {MAX_STOP} strings, got {len(stops)}", param="stop")
-        if any(stops):
-            params["stop"] = [s for s in stops if s]
-    return params
-
-
-def completion_prompt(body: dict) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list):
-        raise ApiError(400, "'prompt' must be one string (a batch of prompts or token ids is not supported)",
-                       param="prompt")
-    if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' is required and must be a string", param="prompt")
-    if not prompt:
-        raise ApiError(400, "'prompt' is empty", param="prompt")
-    return prompt
-
-
-def chat_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' is required and must be a non-empty list", param="messages")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", param="messages")
-        if message["role"] not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role {message['role']!r} is not supported (system, "
-                           "developer, user, assistant)", param="messages")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: only text
-            parts = []
-            for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str)):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported",
-                                   param="messages")
-                parts.append(part["text"])
-            content = "".join(parts)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", param="messages")
-        out.append({"role": "system" if message["role"] == "developer" else message["role"],
-                    "content": content})
-    return out
-
-
-class ChatPrompter:
-    """messages → prompt text: the base tokenizer's chat template, else the documented fallback (the
-    messages' contents joined by newlines). The tokenizer is loaded on first use."""
-
-    def __init__(self, base_dir: Path) -> None:
-        self.base_dir = base_dir
-        self._lock = threading.Lock()
-        self._tokenizer = None
-        self._loaded = False
-
-    def _get(self):
-        with self._lock:
-            if not self._loaded:
-                try:
-                    from transformers import AutoTokenizer
-
-                    self._tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
-                except Exception:  # noqa: BLE001 - no tokenizer: the fallback format
-                    self._tokenizer = None
-                self._loaded = True
-            return self._tokenizer
-
-    def __call__(self, messages: list[dict]) -> str:
-        tokenizer = self._get()
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            try:
-                return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # noqa: BLE001 - a template that rejects these messages
-                raise ApiError(400, f"the chat template rejected these messages: {e}",
-                               param="messages") from None
-        return "\n".join(m["content"] for m in messages)
-
-
-def _triton_error(message: str) -> ApiError:
-    """deltazip_llm's error text → the OpenAI status."""
-    lower = message.lower()
-    if "context holds" in lower:
-        return ApiError(413, message, param="prompt", code="context_length_exceeded")
-    if "unknown delta" in lower:
-        return ApiError(404, message, param="model", code="model_not_found")
-    if "unavailable" in lower or "failed to connect" in lower or "connection refused" in lower:
-        return ApiError(503, f"tritonserver is not reachable: {message}", kind="server_error",
-                        code="unavailable")
-    if any(s in lower for s in ("must be", "invalid", "is empty", "not valid utf-8", "not supported")):
-        return ApiError(400, message)
-    return ApiError(500, message, kind="server_error", code="generation_failed")
-
-
-# -- forwarding ---------------------------------------------------------------------------------------------
-class _Stream:
-    """One live gRPC bidirectional stream: an outgoing queue and the per-request queues of its responses."""
-
-    def __init__(self, client) -> None:
-        self.outgoing: asyncio.Queue = asyncio.Queue()
-        self.pending: dict[str, asyncio.Queue] = {}
-        self.call = client.stream_infer(self._requests())
-        self.reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _requests(self):
-        while True:
-            item = await self.outgoing.get()
-            if item is None:
-                return
-            yield item
-
-    async def _read(self) -> None:
-        error: BaseException = ConnectionError("the gRPC stream to tritonserver closed")
-        try:
-            # raw ModelStreamInferResponse messages: an error response still carries its request's id
-            async for response in self.call._grpc_call:
-                queue = self.pending.get(response.infer_response.id)
-                if queue is not None:
-                    queue.put_nowait(response)
-        except BaseException as e:  # noqa: BLE001 - the stream died: every pending request fails with it
-            error = e
-        for queue in self.pending.values():
-            queue.put_nowait(error)
-
-    def alive(self) -> bool:
-        return not self.reader.done()
-
-    def close(self) -> None:
-        self.outgoing.put_nowait(None)
-        self.call.cancel()
-
-
-class TritonForwarder:
-    """Forwards requests to deltazip_llm over ONE persistent gRPC bidirectional stream (one aio channel):
-    requests go out tagged with a request id, responses are handed to their request by that id. (A stream
-    per request costs more CPU than the rest of the front together.) A dropped stream fails the requests
-    on it and the next request opens a new one. A client that disconnects stops reading; its request runs
-    to its end (max_tokens) in the engine and its responses are dropped."""
-
-    def __init__(self, grpc_url: str, timeout_s: float) -> None:
-        self.grpc_url, self.timeout_s = grpc_url, timeout_s
-        self._client = None
-        self._stream: _Stream | None = None
-
-    async def start(self) -> None:
-        import tritonclient.grpc.aio as grpcaio
-
-        self._client = grpcaio.InferenceServerClient(self.grpc_url)
-
-    async def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-        if self._client is not None:
-            await self._client.close()
-
-    def _live_stream(self) -> _Stream:
-        if self._stream is None or not self._stream.alive():
-            self._stream = _Stream(self._client)
-        return self._stream
-
-    async def responses(self, prompt: str, delta: str, stream: bool, params: dict):
-        """Async iterator of (text, finish_reason, prompt_tokens, completion_tokens); ApiError on an error.
-        The last item has a finish_reason."""
-        from tritonclient.grpc import InferResult
-
-        from deltazip.serving.client import grpc_inputs
-
-        rid = uuid.uuid4().hex
-        live = self._live_stream()
-        queue: asyncio.Queue = asyncio.Queue()
-        live.pending[rid] = queue
-        inputs = grpc_inputs(prompt, delta, stream, params)
-        live.outgoing.put_nowait({"model_name": MODEL_NAME, "inputs": inputs, "request_id": rid})
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), self.timeout_s)
-                except TimeoutError:
-                    raise ApiError(504, f"no response from tritonserver within {self.timeout_s:.0f} s",
-                                   kind="server_error", code="timeout") from None
-                if isinstance(item, BaseException):
-                    details = item.details() if hasattr(item, "details") else str(item)
-                    raise _triton_error(f"unavailable: {details}")
-                if item.error_message:
-                    raise _triton_error(item.error_message)
-                result = InferResult(item.infer_response)
-                text = _first(result, "text_output") or ""
-                reason = _first(result, "finish_reason") or ""
-                if reason:
-                    yield (text, reason, int(_first(result, "prompt_tokens") or 0),
-                           int(_first(result, "completion_tokens") or 0))
-                    return
-                yield text, "", 0, 0
-        finally:
-            live.pending.pop(rid, None)
-
-
-def _first(result, name: str):
-    array = result.as_numpy(name)
-    if array is None or array.size == 0:
-        return None
-    value = array.reshape(-1)[0]
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # -- the app ------------------------------------------------------------------------------------------------
@@ -613,7 +252,7 @@ def create_app(settings: FrontSettings):
             raise ApiError(400, "'name' is required and must be a string", param="name")
         if timeout_s is None:
             timeout_s = settings.drain_timeout_s
-        if not _is_number(timeout_s) or not 0 <= timeout_s <= 3600:
+        if not is_number(timeout_s) or not 0 <= timeout_s <= 3600:
             raise ApiError(400, "'timeout_s' must be a number of seconds in [0, 3600]", param="timeout_s")
         started = time.perf_counter()
         with lifecycle:
