@@ -259,7 +259,7 @@ def test_family_quality_within_bar(tiny_family, tiny_deltas, tmp_path):
         merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
         ft_acc = exact_match(finetune, tokenizer, examples)
         delta_acc = exact_match(merged, tokenizer, examples)
-        # Two examples of slack, not one: the family's weights differ between CPUs (float rounding in training),
+        # Two examples of slack, not one: the family's weights differ between CPUs (rounding in training),
         # and on this machine's family the unchanged pre-refactor compressor lands 1.5 examples under 99%.
         assert delta_acc >= 0.99 * ft_acc - 2 / len(examples), (task, delta_acc, ft_acc)
         few = examples[:64]
