@@ -14,8 +14,10 @@ for this process and its children and must run before `import torch` (the CLI ca
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -134,3 +136,19 @@ def configure_threads(n: int | None = None) -> int:
             pass
     _configured = threads
     return threads
+
+
+@contextlib.contextmanager
+def fixed_threads(num_threads: int) -> Iterator[None]:
+    """Run with a fixed torch thread count, restoring the caller's afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if num_threads == previous:
+        yield
+        return
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from deltazip.compress.obs import inverse_hessian_factor, output_error, refit_scales
+from deltazip.compress.obs import check_layout, inverse_hessian_factor, output_error, refit_scales
 from deltazip.format.precision import AnyPrecisionLinear, midrise_zero
 from deltazip.packed import PackedLinear
 
@@ -30,12 +30,7 @@ def solve_any_precision(delta: torch.Tensor, hessian: torch.Tensor | None, preci
     if precisions != list(range(precisions[0], precisions[-1] + 1)):
         raise ValueError(f"any-precision needs consecutive precisions, not {precisions}")
     n_rows, n_cols = delta.shape
-    group = n_cols if group_size == -1 else group_size
-    if n_cols % group:
-        raise ValueError(f"group size {group} does not divide in_features {n_cols}")
-    if sparse24 and n_cols % 32:
-        raise ValueError(f"2:4 sparsity needs in_features % 32 == 0, got {n_cols}")
-    block_size = max(4, block_size - block_size % 4)
+    group, block_size = check_layout(n_cols, group_size, sparse24, block_size)
     w0 = delta.float().clone()
     if hessian is None:
         h_inv, h = torch.eye(n_cols), torch.eye(n_cols)

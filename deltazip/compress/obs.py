@@ -23,6 +23,7 @@ import torch
 
 from deltazip.compress.quantize import fit_scale, likely_kept, zero_code
 from deltazip.packed import PackedLinear
+from deltazip.threads import fixed_threads
 
 SUB_BLOCK = 32  # columns per rank-1-update sub-block inside a block (multiple of 4)
 SECOND_SWEEP_MAX = 1 << 22  # layers up to this many parameters (and K ≤ 2·SKETCH) get a second sweep
@@ -101,18 +102,23 @@ def _mm_lower(d: torch.Tensor, t: torch.Tensor, leaf: int) -> torch.Tensor:
     return torch.cat([left, right], dim=1)
 
 
+
+def check_layout(n_cols: int, group_size: int, sparse24: bool, block_size: int) -> tuple[int, int]:
+    """(scale group width, OBS block width in whole 2:4 groups); ValueError for a layout that cannot be."""
+    group = n_cols if group_size == -1 else group_size
+    if n_cols % group:
+        raise ValueError(f"group size {group} does not divide in_features {n_cols}")
+    if sparse24 and n_cols % 32:
+        raise ValueError(f"2:4 sparsity needs in_features % 32 == 0, got {n_cols}")
+    return group, max(4, block_size - block_size % 4)
+
 def solve_delta(delta: torch.Tensor, hessian: torch.Tensor | None, bits: int, sparsity: str,
                 group_size: int, damp: float, block_size: int) -> PackedLinear:
     """Compress delta [N, K] given H [K, K] of its inputs (None: identity, i.e. round-to-nearest)."""
     n_rows, n_cols = delta.shape
     sparse24 = sparsity == "2:4"
     prune_fraction = 0.0 if sparsity in ("2:4", "none") else float(sparsity)
-    group = n_cols if group_size == -1 else group_size
-    if n_cols % group:
-        raise ValueError(f"group size {group} does not divide in_features {n_cols}")
-    if sparse24 and n_cols % 32:
-        raise ValueError(f"2:4 sparsity needs in_features % 32 == 0, got {n_cols}")
-    block_size = max(4, block_size - block_size % 4)
+    group, block_size = check_layout(n_cols, group_size, sparse24, block_size)
     w = delta.float()
     if hessian is None:
         steps, pruned, scales = _round_to_nearest(w, bits, sparse24, prune_fraction, group)
@@ -219,20 +225,6 @@ def _rtn_pass(w: torch.Tensor, scales: torch.Tensor, bits: int, sparse24: bool, 
     return steps, pruned
 
 
-@contextlib.contextmanager
-def _threads(count: int, device: torch.device):
-    """Run the block on `count` torch threads (CPU only), restoring the previous setting after."""
-    if device.type != "cpu" or count == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fraction: float, group: int,
            block_size: int, fixed_scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """One OBS pass over the columns of w (not modified): steps (code − zero, int8) [N, K], pruned mask
@@ -265,7 +257,7 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fr
             if k > 0:
                 pruned[start:end] = saliency <= saliency.flatten().kthvalue(k).values
         errs = block_errs[:end - start]
-        with _threads(1, device):
+        with fixed_threads(1) if device.type == "cpu" else contextlib.nullcontext():
             for a in range(start, end, sub):
                 b = min(a + sub, end)
                 u_sub = u[a:b, a:b]

@@ -171,7 +171,8 @@ def _write_family(root: Path, spec, seed: int, family_hash: str) -> None:
     from transformers import LlamaForCausalLM
 
     from deltazip.family.tokenizer import build_tokenizer
-    from deltazip.family.train import fixed_threads, train
+    from deltazip.family.train import train
+    from deltazip.threads import fixed_threads
 
     started, cpu_started = time.time(), time.process_time()
     tokenizer = build_tokenizer()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -65,17 +63,6 @@ PRESETS: dict[str, FamilyPreset] = {
         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
 }
-
-
-@contextmanager
-def fixed_threads(num_threads: int) -> Iterator[None]:
-    """Run with a fixed torch thread count, restoring the caller's afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def encode_batch(examples: list[Example], vocab: dict[str, int],

@@ -1,24 +1,11 @@
 """The OpenAI-compatible front: a thin FastAPI app beside tritonserver that forwards over gRPC streaming.
 
 No second engine: every completion is one request to deltazip_llm on one persistent gRPC bidirectional
-stream (tritonclient.grpc.aio), its responses picked out by request id. Endpoints (docs/serving.md has
-the full contract):
-
-  GET  /v1/models                       the base and every variant (owner, ratio, bits, bytes, resident)
-  POST /v1/completions                  prompt → text; stream=true: server-sent events, then `data: [DONE]`
-  POST /v1/chat/completions             messages → the tokenizer's chat template (fallback: contents joined
-                                        by newlines) → text
-  GET  /v1/variants                     the store's variants (name, version, path, bits, ratio, resident)
-  POST /v1/variants/load                {"name", "path"}: verify and install (or replace) a variant live
-  POST /v1/variants/unload              {"name", "timeout_s"?}: drain in-flight requests, free it, delete it
-  POST /v1/load_lora_adapter            vLLM-compatible alias: {"lora_name", "lora_path"}
-  POST /v1/unload_lora_adapter          vLLM-compatible alias: {"lora_name"}
-  GET  /health                          200 when tritonserver's model is ready
-
-Errors use OpenAI's JSON ({"error": {"message", "type", "param", "code"}}): 400 bad parameter or malformed
-JSON, 404 unknown model, 409 variant in use, 413 body too large or prompt too long, 503 overloaded.
-Bodies larger than `max_body_bytes` or nested deeper than `max_json_depth` are refused here, before
-anything reaches tritonserver (its own HTTP endpoint crashes on very deep JSON; keep it on loopback).
+stream (tritonclient.grpc.aio, see forwarder.py), its responses picked out by request id. Endpoints:
+/v1/models, /v1/completions, /v1/chat/completions (SSE when stream=true), /v1/variants[/load|/unload] and
+the vLLM aliases /v1/load_lora_adapter, /v1/unload_lora_adapter, /health; docs/serving.md has the contract.
+Errors use OpenAI's JSON; bodies too large or too deeply nested are refused before tritonserver sees them
+(its own HTTP endpoint crashes on very deep JSON; keep it on loopback). Parsing lives in openai_requests.py.
 """
 
 from __future__ import annotations
@@ -43,9 +30,11 @@ from deltazip.serving.openai_requests import (
     FrontSettings,
     chat_messages,
     completion_prompt,
+    finish_reason,
     is_number,
     read_json,
     sampling_params,
+    sse_events,
 )
 from deltazip.serving.variants import (
     VariantError,
@@ -171,8 +160,8 @@ def create_app(settings: FrontSettings):
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
             choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                       "logprobs": None, "finish_reason": _reason(reason)} if chat else
-                      {"index": 0, "text": text, "logprobs": None, "finish_reason": _reason(reason)})
+                       "logprobs": None, "finish_reason": finish_reason(reason)} if chat else
+                      {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)})
             out = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                    "model": model, "choices": [choice], "usage": usage}
             return Response(json.dumps(out), media_type="application/json")
@@ -182,7 +171,7 @@ def create_app(settings: FrontSettings):
         except BaseException:
             state["pending"] -= 1
             raise
-        return StreamingResponse(_sse(items, first, rid, created, model, chat, include_usage, state),
+        return StreamingResponse(sse_events(items, first, rid, created, model, chat, include_usage, state),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -306,54 +295,6 @@ def create_app(settings: FrontSettings):
         return JSONResponse({"status": "ok"})
 
     return app
-
-
-def _reason(reason: str) -> str:
-    return {"stop": "stop", "length": "length"}.get(reason, reason or "stop")
-
-
-async def _sse(items, first, rid: str, created: int, model: str, chat: bool, include_usage: bool,
-               state: dict):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def event(choices: list, **extra) -> bytes:
-        payload = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
-        return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-    def chunk(text: str, reason: str | None) -> bytes:
-        if chat:
-            delta = {"content": text} if text else {}
-            return event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}])
-        return event([{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}])
-
-    try:
-        if chat:
-            yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        item = first
-        while True:
-            text, reason, prompt_tokens, completion_tokens = item
-            if text:
-                yield chunk(text, None)
-            if reason:
-                yield chunk("", _reason(reason))
-                if include_usage:
-                    yield event([], usage={"prompt_tokens": prompt_tokens,
-                                           "completion_tokens": completion_tokens,
-                                           "total_tokens": prompt_tokens + completion_tokens})
-                break
-            try:
-                item = await items.__anext__()
-            except StopAsyncIteration:
-                break
-        yield b"data: [DONE]\n\n"
-    except ApiError as e:  # after the first byte the status is sent: the error travels as an event
-        yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
-        yield b"data: [DONE]\n\n"
-    finally:
-        state["pending"] -= 1
-        await items.aclose()
 
 
 # -- running it beside tritonserver -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""OpenAI request parsing for the front: body bounds, field checks, prompts, and error mapping."""
+"""OpenAI wire format for the front: body bounds, field checks, prompts, error mapping, SSE chunks."""
 
 from __future__ import annotations
 
@@ -268,3 +268,50 @@ def triton_error(message: str) -> ApiError:
     return ApiError(500, message, kind="server_error", code="generation_failed")
 
 
+def finish_reason(reason: str) -> str:
+    """The engine's finish reason as OpenAI names it."""
+    return {"stop": "stop", "length": "length"}.get(reason, reason or "stop")
+
+
+async def sse_events(items, first, rid: str, created: int, model: str, chat: bool, include_usage: bool,
+                     state: dict):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choices: list, **extra) -> bytes:
+        payload = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+    def chunk(text: str, reason: str | None) -> bytes:
+        if chat:
+            delta = {"content": text} if text else {}
+            return event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}])
+        return event([{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}])
+
+    try:
+        if chat:
+            yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        item = first
+        while True:
+            text, reason, prompt_tokens, completion_tokens = item
+            if text:
+                yield chunk(text, None)
+            if reason:
+                yield chunk("", finish_reason(reason))
+                if include_usage:
+                    yield event([], usage={"prompt_tokens": prompt_tokens,
+                                           "completion_tokens": completion_tokens,
+                                           "total_tokens": prompt_tokens + completion_tokens})
+                break
+            try:
+                item = await items.__anext__()
+            except StopAsyncIteration:
+                break
+        yield b"data: [DONE]\n\n"
+    except ApiError as e:  # after the first byte the status is sent: the error travels as an event
+        yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    finally:
+        state["pending"] -= 1
+        await items.aclose()
