@@ -180,3 +180,65 @@ def test_fingerprint_and_exact_apply(tmp_path):
     with pytest.raises(FingerprintError, match="was made for base"):
         apply_delta(other, path, tmp_path / "wrong")
     assert not (tmp_path / "wrong").exists()
+
+
+def test_compact_manifest_version5(tmp_path):
+    """Version 5 (budgeted artifacts): the tensor table is stored as base64 zstd JSON, loads like version 4,
+    is smaller, and is refused when malformed or in an older version."""
+    import base64
+
+    from deltazip.format.logscale import log_snapped
+
+    linears = {f"model.layers.{i}.mlp.down_proj": log_snapped(random_linear(32, 64, 2, True, 64, seed=i))
+               for i in range(6)}
+    exact = {"model.norm.weight": torch.randn(32)}
+    plain = save_delta(tmp_path / "p.dz", "p", FP, linears, exact, {"target": "t"})
+    compact = save_delta(tmp_path / "c.dz", "c", FP, linears, exact, {"target": "t"}, compact=True)
+    raw = json.loads((compact / "manifest.json").read_text())
+    assert raw["version"] == 5 and "tensors" not in raw and isinstance(raw["tensors_zstd"], str)
+    assert (compact / "manifest.json").stat().st_size < (plain / "manifest.json").stat().st_size
+    assert read_manifest(compact)["tensors"].keys() == read_manifest(plain)["tensors"].keys()
+    delta = load_delta(compact)
+    for name, packed in linears.items():
+        assert_packed_equal(delta.linears[name], packed)
+    assert read_manifest(plain)["version"] == 4  # the default stays version 4
+    stats = read_manifest(compact)["stats"]
+    assert abs(stats["artifact_bytes"] - sum(f.stat().st_size for f in compact.iterdir())) <= 8
+
+    def broken(edit, match):
+        m = dict(raw)
+        edit(m)
+        (compact / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ArtifactError, match=match):
+            read_manifest(compact)
+
+    broken(lambda m: m.update(version=4), "needs version 5")
+    broken(lambda m: m.update(tensors={}), "exclusive")
+    broken(lambda m: m.update(tensors_zstd="not base64!"), "cannot be decoded")
+    broken(lambda m: m.update(tensors_zstd=base64.b64encode(b"junk").decode()), "cannot be decoded")
+    bomb = __import__("zstandard").ZstdCompressor().compress(b"[" * 40 + b"]" * 40)
+    broken(lambda m: m.update(tensors_zstd=base64.b64encode(bomb).decode()), "nested")
+
+
+def test_log_scales_version5(tmp_path):
+    """Version 5 log scales: symmetric-grid linears store scale0 + uint8 lscales (no zeros); the writer's
+    snapped scales load back bit for bit; other zeros keep fp16 scales and zeros."""
+    from deltazip.format.logscale import log_snapped
+
+    sym = random_linear(48, 64, 2, False, 32, seed=3)
+    sym = sym.__class__(**{**sym.__dict__, "zeros": torch.full_like(sym.zeros, 2.0)})
+    other = random_linear(16, 32, 4, True, 32, seed=4)
+    other = other.__class__(**{**other.__dict__, "zeros": torch.full_like(other.zeros, 7.5)})
+    snapped = {"a": log_snapped(sym), "b": log_snapped(other)}
+    assert torch.equal(snapped["b"].scales, other.scales)  # not the symmetric grid: left alone
+    ratio = snapped["a"].scales.float() / sym.scales.float()
+    assert float((ratio - 1).abs().max()) < 0.012  # half a 2.2% step
+    path = save_delta(tmp_path / "s.dz", "s", FP, snapped, {}, compact=True)
+    entries = read_manifest(path)["tensors"]
+    assert [s[0] for s in entries["a"]["streams"]] == ["codes", "scale0", "lscales"]
+    assert "zeros" in [s[0] for s in entries["b"]["streams"]]
+    delta = load_delta(path)
+    for name, packed in snapped.items():
+        assert_packed_equal(delta.linears[name], packed)
+    plain = save_delta(tmp_path / "p.dz", "p", FP, snapped, {})
+    assert [s[0] for s in read_manifest(plain)["tensors"]["a"]["streams"]] == ["codes", "scales", "zeros"]

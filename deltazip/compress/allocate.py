@@ -62,7 +62,7 @@ def stored_bytes(packed) -> int:
     """Bytes the packed linear's streams take in the artifact (zstd, as the writer stores them)."""
     from deltazip.format.codec import encode_tensors
 
-    _, entries = encode_tensors({"t": packed}, {}, "zstd")
+    _, entries = encode_tensors({"t": packed}, {}, "zstd", compact=True)
     return sum(stored for _, _, stored in entries["t"]["streams"])
 
 
@@ -79,14 +79,15 @@ def overhead_bytes(linears: dict, exact: dict[str, torch.Tensor], info: dict) ->
     """Bytes of the artifact outside the linears' streams (exact tensors, manifest, payload header), from the
     profiling pass's own tensors: its manifest is the final one up to a few digits per tensor."""
     from deltazip.format.codec import encode_tensors
-    from deltazip.format.manifest import new_manifest
+    from deltazip.format.manifest import manifest_text, new_manifest
 
-    _, entries = encode_tensors(linears, exact, "zstd")
+    _, entries = encode_tensors(linears, exact, "zstd", compact=True)
     exact_bytes = sum(s[2] for e in entries.values() if e["kind"] == "exact" for s in e["streams"])
-    manifest = new_manifest("x" * len(info.get("name", "")), "sha256:" + "0" * 64, entries, info)
+    manifest = new_manifest("x" * len(info.get("name", "")), "sha256:" + "0" * 64, entries, info,
+                            compact=True)  # as budgeted artifacts are written (format version 5)
     manifest["stats"].update({k: 1 / 3 for k in ("artifact_bytes", "ratio", "bits_per_weight")})
-    manifest["files"] = {"delta.safetensors": {"sha256": "0" * 64, "bytes": 10**9}}
-    manifest_bytes = len(json.dumps(manifest, separators=(",", ":"), ensure_ascii=False).encode())
+    manifest["files"] = {"delta.safetensors": {"blake3": "0" * 64, "bytes": 10**9}}
+    manifest_bytes = len(manifest_text(manifest).encode())
     # safetensors header: {"name":{"dtype":"U8","shape":[n],"data_offsets":[a,b]}, ...}
     header = 64 + sum(len(n) + 64 for n in entries)
     return exact_bytes + manifest_bytes + header + HEADER_MARGIN

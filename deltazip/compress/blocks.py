@@ -74,10 +74,16 @@ def linear_names(layer: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def sequential_groups(runner: BlockRunner, layer: nn.Module, hidden: torch.Tensor) -> list[list[str]]:
-    """Linears grouped by shared input, in call order (Llama: [q,k,v], [o], [gate,up], [down])."""
-    calls: list[tuple[str, int]] = []
+    """Linears grouped by shared input, in call order (Llama: [q,k,v], [o], [gate,up], [down]).
+
+    The hooks keep every input alive until the grouping is done: an input freed during the forward pass
+    can have its memory reused by a later one (o_proj's input by post_attention_layernorm's output, in
+    about 1 probe of 8), and equal addresses would then put o_proj into [gate, up]'s group — a different
+    sequential order, so a different artifact from run to run.
+    """
+    calls: list[tuple[str, int, torch.Tensor]] = []
     handles = [layer.get_submodule(n).register_forward_hook(
-        lambda m, inp, out, n=n: calls.append((n, inp[0].data_ptr()))) for n in linear_names(layer)]
+        lambda m, inp, out, n=n: calls.append((n, inp[0].data_ptr(), inp[0]))) for n in linear_names(layer)]
     try:
         runner.run(layer, hidden[:1])
     finally:
@@ -85,7 +91,7 @@ def sequential_groups(runner: BlockRunner, layer: nn.Module, hidden: torch.Tenso
             h.remove()
     groups: list[list[str]] = []
     last_ptr = None
-    for name, ptr in calls:
+    for name, ptr, _ in calls:
         if groups and ptr == last_ptr and name not in groups[-1]:
             groups[-1].append(name)
         else:

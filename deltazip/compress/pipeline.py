@@ -37,6 +37,7 @@ from deltazip.config import CompressConfig
 from deltazip.errors import DeltazipError
 from deltazip.format import fingerprint_model, merge_tensor, save_delta
 from deltazip.format.codec import encode_tensors
+from deltazip.format.logscale import log_snapped
 from deltazip.format.manifest import check_name
 from deltazip.format.precision import AnyPrecisionLinear, snapped
 from deltazip.hf import ModelConfig, ModelWeights, read_config
@@ -223,7 +224,11 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
         info["stats"].update(budget_stats)
     fingerprint = fingerprint_model(base_dir)
     linears = {k: snapped(v) if isinstance(v, AnyPrecisionLinear) else v for k, v in linears.items()}
-    save_delta(out_dir, name, fingerprint, linears, exact, info, settings.lossless, overwrite=overwrite)
+    budgeted = settings.bits != 16 and (settings.target_ratio > 0 or settings.budget_bytes > 0)
+    if budgeted:
+        linears = {k: log_snapped(v) for k, v in linears.items()}  # the scales the artifact stores
+    save_delta(out_dir, name, fingerprint, linears, exact, info, settings.lossless, overwrite=overwrite,
+               compact=budgeted)  # every byte counts: the tensor table zstd-compressed (format version 5)
     if settings.bits != 16 and checkpoints is not None:
         checkpoints.finish()
     return out_dir
@@ -277,7 +282,7 @@ def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.T
         exact.clear()
         _compress_sequential(base, target, tokens, settings, linears, exact, take_delta, after_first_block,
                              solver=_Solver(settings, plan=plan))
-        _, entries = encode_tensors(linears, {}, settings.lossless)
+        _, entries = encode_tensors(linears, {}, settings.lossless, compact=True)
         used = sum(s[2] for e in entries.values() for s in e["streams"])
         log.info("budget round %d: linears %d bytes planned, %d used, %d allowed", rounds,
                  sum(profile.rows[n][c][0] for n, c in plan.items()), used, budget - overhead)
@@ -308,8 +313,14 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
     tokens = tokens.to(device)
     b, t = take_delta(EMBED)
     embed_base = b.float().to(device)
+    # Tuning's time budget is spent once, by block 0; its step count then holds for every later block and
+    # the head (saved with block 0), so the artifact does not depend on the speed of the later blocks and
+    # a resumed run reproduces an uninterrupted one.
+    tuning = settings
     if checkpoints is not None and checkpoints.has(0):  # the (tuned) embedding delta is saved with block 0
         linears["model.embed_tokens"] = checkpoints.load(0)[0]["model.embed_tokens"]
+        if checkpoints.tune_steps is not None:
+            tuning = dataclasses.replace(settings, tune_steps=checkpoints.tune_steps, tune_seconds=0.0)
     else:  # no Hessian: magnitude + RTN
         linears["model.embed_tokens"] = solve(EMBED, t.float().to(device) - embed_base, None)
     hidden = _embed(tokens, embed_base, linears["model.embed_tokens"])
@@ -338,19 +349,24 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
                 packed = solve(param, t.float().to(device) - base_weights[lin], hessians[lin])
                 linears[f"{prefix}{lin}"] = packed
                 layer.get_submodule(lin).weight.copy_(base_weights[lin] + packed.dequantize().to(device))
-        if settings.tune_steps > 0:
+        if tuning.tune_steps > 0:
+            taken: list[int] = []
             names = [f"{prefix}{lin}" for lin in base_weights]
             names += ["model.embed_tokens"] if index == 0 else []
             views: dict[str, dict] = {n: {} for n in names}
             for bits in _precisions(linears[names[0]]):  # any-precision: each precision tuned on its own
                 view = {**linears, **{n: _view(linears[n], bits) for n in names}}
                 tuned_hidden = _tune_block(runner, layer, base_weights, view, prefix, tokens, embed_base,
-                                           hidden, out_ft, settings, tune_embedding=index == 0)
+                                           hidden, out_ft, tuning, tune_embedding=index == 0, taken=taken)
                 for n in names:  # the widest precision goes last: its weights stay installed in `layer`
                     views[n][bits] = view[n]
             for n in names:
                 linears[n] = _joined(linears[n], views[n])
             hidden = tuned_hidden
+            if tuning.tune_seconds > 0:
+                tuning = dataclasses.replace(settings, tune_steps=min(taken), tune_seconds=0.0)
+                log.info("scale tuning: %d step(s) per block within the %.0f s budget (fixed from block %d "
+                         "on)", tuning.tune_steps, settings.tune_seconds, index + 1)
         compressed = {f"{prefix}{lin}.weight" for lin in _linear_set(layer)}
         for param in target.names():
             if param.startswith(prefix) and param not in compressed:
@@ -361,7 +377,7 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
             if index == 0:
                 done["model.embed_tokens"] = linears["model.embed_tokens"]
             checkpoints.save(index, done, {n: v for n, v in exact.items() if n.startswith(prefix)},
-                             checkpoints.norms)
+                             checkpoints.norms, tune_steps=tuning.tune_steps if index == 0 else None)
         if index == 0:
             after_first_block()
         seconds = time.perf_counter() - started
@@ -377,10 +393,10 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
         b, t = take_delta(LM_HEAD)
         b, t = b.float().to(device), t.float().to(device)
         linears["lm_head"] = solve(LM_HEAD, t - b, hessian_of(normed))
-        if settings.tune_steps > 0:
+        if tuning.tune_steps > 0:
             head = linears["lm_head"]
-            tuned = {bits: _tune_head(_view(head, bits), b, t, normed, normed_ft, settings.tune_steps,
-                                      settings.tune_seconds) for bits in _precisions(head)}
+            tuned = {bits: _tune_head(_view(head, bits), b, t, normed, normed_ft, tuning.tune_steps,
+                                      tuning.tune_seconds) for bits in _precisions(head)}
             linears["lm_head"] = _joined(head, tuned)
 
 
@@ -422,7 +438,7 @@ def _joined(packed, views: dict[int, PackedLinear]):
 
 def _tune_block(runner: BlockRunner, layer: torch.nn.Module, base_weights: dict, linears: dict, prefix: str,
                 tokens: torch.Tensor, embed_base: torch.Tensor, hidden: torch.Tensor, out_ft: torch.Tensor,
-                settings: CompressConfig, tune_embedding: bool) -> torch.Tensor:
+                settings: CompressConfig, tune_embedding: bool, taken: list | None = None) -> torch.Tensor:
     """Fit the scales of this block's deltas (and the embedding's, for block 0) to the fine-tune's block
     output; installs the tuned weights in `layer` and returns the block's (possibly re-embedded) input."""
     packed = {lin: linears[f"{prefix}{lin}"] for lin in base_weights}
@@ -436,9 +452,12 @@ def _tune_block(runner: BlockRunner, layer: torch.nn.Module, base_weights: dict,
         out = functional_call(layer, weights, (x,), {"position_embeddings": runner.position_embeddings(x)})
         return F.mse_loss(out, out_ft[rows])
 
+    count: dict = {}
     with torch.enable_grad():
         tuned = tune_scales(packed, loss_fn, hidden.shape[0], settings.tune_steps, TUNE_LR, TUNE_BATCH,
-                            device=hidden.device, max_seconds=settings.tune_seconds)
+                            device=hidden.device, max_seconds=settings.tune_seconds, taken=count)
+    if taken is not None:
+        taken.append(count["steps"])
     for lin in base_weights:
         linears[f"{prefix}{lin}"] = tuned[lin]
         layer.get_submodule(lin).weight.copy_(base_weights[lin] + tuned[lin].dequantize().to(hidden.device))

@@ -54,6 +54,7 @@ class Checkpoints:
             log.info("discarding the checkpoints of an earlier run in %s (no --resume)", self.dir)
             shutil.rmtree(self.dir)
         self.finished = self._finished() if resume else set()
+        self.tune_steps: int | None = None  # set by load(0): the step count fixed by block 0
         if resume:
             log.info("resuming: %d finished block(s) in %s", len(self.finished), self.dir)
 
@@ -89,8 +90,9 @@ class Checkpoints:
         return index in self.finished
 
     def save(self, index: int, linears: dict[str, PackedLinear], exact: dict[str, torch.Tensor],
-             norms: list[float]) -> None:
-        """Write block `index`'s results atomically (tmp file + rename)."""
+             norms: list[float], tune_steps: int | None = None) -> None:
+        """Write block `index`'s results atomically (tmp file + rename); block 0 also records the tuning
+        step count the time budget gave (`tune_steps`, reused by every later block and by a resumed run)."""
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,8 @@ class Checkpoints:
         for name, value in exact.items():
             tensors[f"exact:{name}"] = value.contiguous()
         meta = {"layouts": json.dumps(layouts), "norms": json.dumps(list(norms))}
+        if tune_steps is not None:
+            meta["tune_steps"] = str(int(tune_steps))
         path = self._path(index)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -127,6 +131,8 @@ class Checkpoints:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             layouts, norms = json.loads(meta["layouts"]), json.loads(meta["norms"])
+            if "tune_steps" in meta:
+                self.tune_steps = int(meta["tune_steps"])
         except (OSError, KeyError, ValueError) as e:
             raise DeltazipError(f"--resume: checkpoint {path} is unreadable ({e}); run without "
                                 "--resume") from None

@@ -51,9 +51,16 @@ class ScaleSet:
 
 def tune_scales(packed: dict[str, PackedLinear], loss_fn: Callable[[ScaleSet, slice], torch.Tensor],
                 n_rows: int, steps: int, lr: float, batch: int, device: torch.device | str | None = None,
-                max_seconds: float = 0.0) -> dict[str, PackedLinear]:
+                max_seconds: float = 0.0, taken: dict | None = None) -> dict[str, PackedLinear]:
     """Adam on the log-scales of `packed` against loss_fn(scales, rows) (on `device`; at most `max_seconds`
-    when > 0); keeps the result only if the full-batch loss drops (fp16-rounded scales)."""
+    when > 0); keeps the result only if the full-batch loss drops (fp16-rounded scales).
+
+    `taken["steps"]` receives the number of steps run. With a time budget that number depends on the
+    machine's speed: the pipeline uses the budget once (block 0) and then this fixed count, so a resumed
+    run reproduces an uninterrupted one.
+    """
+    if taken is not None:
+        taken["steps"] = 0
     if steps <= 0 or not packed:
         return packed
     params = ScaleSet(packed, device)
@@ -63,9 +70,11 @@ def tune_scales(packed: dict[str, PackedLinear], loss_fn: Callable[[ScaleSet, sl
     opt = torch.optim.Adam(list(params.log_mult.values()), lr=lr)
     gen = torch.Generator().manual_seed(0)
     deadline = time.perf_counter() + max_seconds if max_seconds > 0 else math.inf
-    for _ in range(steps):
+    for step in range(steps):
         if time.perf_counter() > deadline:
             break
+        if taken is not None:
+            taken["steps"] = step + 1
         start = int(torch.randint(0, max(1, n_rows - batch + 1), (1,), generator=gen))
         loss = loss_fn(params, slice(start, start + batch))
         opt.zero_grad()

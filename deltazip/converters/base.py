@@ -1,4 +1,4 @@
-"""HF Llama base → TensorRT-LLM checkpoint through NVIDIA Model Optimizer's exporter (optionally quantized).
+"""HF Llama / Mistral / Qwen2 base → TensorRT-LLM checkpoint via NVIDIA Model Optimizer's exporter (optionally quantized).
 
 The exporter (``modelopt.torch.export.export_tensorrt_llm_checkpoint``) does the fusion, TP split, GQA dup
 and vocab padding; it runs on a CPU-only machine without TensorRT-LLM. A quantized base is made with
@@ -125,6 +125,27 @@ def write_rope_fields(checkpoint_dir: Path, hf_config: dict) -> dict:
     return fields
 
 
+def decoder_type(model) -> str:
+    """modelopt's decoder type for the model (its own table: Llama and Mistral → llama, Qwen2 → qwen)."""
+    from modelopt.torch.export.model_utils import get_model_type
+
+    return get_model_type(model) or "llama"
+
+
+def write_architecture_fields(checkpoint_dir: Path, hf_config: dict) -> None:
+    """Qwen2: the fields TensorRT-LLM's QWenConfig.from_hugging_face writes (architecture Qwen2ForCausalLM,
+    qwen_type qwen2, attn_bias) — modelopt's manual writer, used without tensorrt_llm installed, names the
+    architecture QWenForCausalLM (Qwen 1) and leaves qwen_type out. Mistral stays LlamaForCausalLM (as
+    TensorRT-LLM maps it); its sliding window is a runtime setting there (max_attention_window_size)."""
+    if hf_config.get("model_type") != "qwen2":
+        return
+    path = Path(checkpoint_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config.update({"architecture": "Qwen2ForCausalLM", "qwen_type": "qwen2", "attn_bias": True,
+                   "mlp_bias": False})
+    path.write_text(json.dumps(config, indent=4))
+
+
 def export_checkpoint(model, out_dir: Path, tp: int, dtype: str = "float16", overwrite: bool = False) -> Path:
     """Write config.json + rank{r}.safetensors for `model` with modelopt's exporter, atomically (rope
     fields taken from the model's HF config, both transformers spellings: `write_rope_fields`)."""
@@ -132,9 +153,10 @@ def export_checkpoint(model, out_dir: Path, tp: int, dtype: str = "float16", ove
         from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
     with atomic_dir(Path(out_dir), overwrite) as tmp, quiet_modelopt():
-        export_tensorrt_llm_checkpoint(model, "llama", DTYPES[dtype], export_dir=tmp,
+        export_tensorrt_llm_checkpoint(model, decoder_type(model), DTYPES[dtype], export_dir=tmp,
                                        inference_tensor_parallel=tp)
         write_rope_fields(tmp, model.config.to_dict())
+        write_architecture_fields(tmp, model.config.to_dict())
     return Path(out_dir)
 
 

@@ -1,5 +1,8 @@
 """The one HF → TensorRT-LLM name table for the Llama family, and the split rule of each TRT-LLM module.
 
+Mistral and Qwen2 share Llama's module names; Qwen2's q/k/v biases land in the fused ``attention.qkv.bias``
+(split like the qkv weight's rows).
+
 TRT-LLM module names are weight names without ``.weight`` (``transformer.layers.0.attention.qkv``).
 The parallel kind says how tensor parallelism splits the weight [out, in]:
 ``column`` splits dim 0 (out), ``row`` splits dim 1 (in), ``vocab`` splits dim 0 after padding the vocab,
@@ -13,8 +16,8 @@ from dataclasses import dataclass
 
 from deltazip.errors import DeltazipError
 
-SUPPORTED_ARCHITECTURE = "LlamaForCausalLM"
-SUPPORTED_MODEL_TYPE = "llama"
+# HF architecture → model_type of the decoders the converters support (modelopt exports all three)
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
 # HF module suffix inside model.layers.{i}. → (TRT-LLM suffix inside transformer.layers.{i}., parallel kind)
 _LAYER_LINEARS = {
@@ -61,7 +64,7 @@ def trt_target(hf_module: str) -> TrtTarget:
             return TrtTarget(prefix + suffix, kind)
         if rest in _LAYER_NORMS:
             return TrtTarget(prefix + _LAYER_NORMS[rest], "replicated")
-    raise DeltazipError(f"no TensorRT-LLM name for '{hf_module}' (only Llama modules are supported)")
+    raise DeltazipError(f"no TensorRT-LLM name for '{hf_module}' (only Llama, Mistral and Qwen2 modules are supported)")
 
 
 def hf_module_of_param(param_name: str) -> tuple[str, str]:

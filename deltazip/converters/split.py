@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from deltazip.converters.names import SUPPORTED_ARCHITECTURE, SUPPORTED_MODEL_TYPE
+from deltazip.converters.names import SUPPORTED
 from deltazip.errors import DeltazipError
 from deltazip.hf import ModelConfig, config_json, parse_config
 from deltazip.packed import PackedLinear, codes_per_word, pack_codes, unpack_codes
@@ -47,12 +47,12 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, config: dict, source: str = "config.json") -> ModelShape:
-        """Read an HF config dict; anything but a Llama causal LM is a clear error."""
+        """Read an HF config dict; anything but a Llama, Mistral or Qwen2 causal LM is a clear error."""
         archs = config.get("architectures") or []
-        if SUPPORTED_ARCHITECTURE not in archs or config.get("model_type") != SUPPORTED_MODEL_TYPE:
+        if not any(SUPPORTED.get(a) == config.get("model_type") for a in archs):
             raise DeltazipError(
                 f"{source}: unsupported architecture {archs or '?'} (model_type "
-                f"{config.get('model_type')!r}); TensorRT-LLM conversion supports {SUPPORTED_ARCHITECTURE} "
+                f"{config.get('model_type')!r}); TensorRT-LLM conversion supports {', '.join(SUPPORTED)} "
                 "only"
             )
         return cls.from_config(parse_config(config, source))

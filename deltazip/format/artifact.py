@@ -47,17 +47,18 @@ class DeltaArtifact:
 
 def save_delta(path: str | Path, name: str, base_fingerprint: str, linears: dict[str, PackedLinear],
                exact: dict[str, torch.Tensor], info: dict | None = None, lossless: str = "zstd",
-               overwrite: bool = False, checksum: str = "blake3") -> Path:
+               overwrite: bool = False, checksum: str = "blake3", compact: bool = False) -> Path:
     """Write NAME.dz/ atomically; `info` adds manifest fields (target, settings, stats).
 
     `checksum`: "blake3" (format version 4) or "sha256" (versions 2 / 3, for readers older than version 4).
+    `compact`: version 5, the manifest's tensor table zstd-compressed (byte-budgeted artifacts).
     """
     from safetensors.numpy import save_file
 
     check_name(name)
     check_fingerprint(base_fingerprint)
-    blobs, entries = encode_tensors(linears, exact, lossless)
-    manifest = new_manifest(name, base_fingerprint, entries, info, checksum)
+    blobs, entries = encode_tensors(linears, exact, lossless, compact)
+    manifest = new_manifest(name, base_fingerprint, entries, info, checksum, compact)
     with atomic_dir(path, overwrite) as tmp:
         arrays = {k: np.frombuffer(v, dtype=np.uint8) for k, v in blobs.items()}
         payload = tmp / PAYLOAD

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from deltazip.errors import ArtifactError
+from deltazip.format import logscale
 from deltazip.format.precision import AnyPrecisionLinear, any_precision_streams, view_from_streams
 from deltazip.packed import PackedLinear, codes_per_word, pack_codes_np, unpack_codes_np
 
@@ -74,12 +75,13 @@ def pattern_symbols(positions: torch.Tensor) -> torch.Tensor:
     return symbols
 
 
-def linear_streams(packed: PackedLinear) -> dict[str, torch.Tensor]:
+def linear_streams(packed: PackedLinear, compact: bool = False) -> dict[str, torch.Tensor]:
     """The byte-oriented streams one packed linear is stored as (entropy coders see like symbols together).
 
     2-bit 2:4 uses one `nibbles` byte per group of 4 (its codes nibble, then its positions nibble): coding the
     positions jointly with the codes lets the entropy coder use their correlation (≈ 5% smaller measured),
     and the two nibbles are the group's bits of the kernel's qweight and meta words (decoded bitwise).
+    `compact` (version 5): symmetric-grid scales as `scale0` + uint8 `lscales`, no `zeros` (logscale.py).
     """
     if isinstance(packed, AnyPrecisionLinear):  # bitplanes, MSB first (docs/FORMAT.md, Any-precision linears)
         return any_precision_streams(packed, pack_patterns)
@@ -92,6 +94,9 @@ def linear_streams(packed: PackedLinear) -> dict[str, torch.Tensor]:
         streams = {"codes": pack_byte_codes(packed.codes(), packed.bits)}
         if packed.sparse24:
             streams["patterns"] = pack_patterns(packed.positions())
+    if compact and packed.scales.numel() and logscale.zero_grid(packed):
+        streams["scale0"], streams["lscales"] = logscale.encode(packed.scales)
+        return streams
     streams["scales"] = packed.scales.to(torch.float16)
     streams["zeros"] = packed.zeros.to(torch.float16)
     return streams
@@ -126,8 +131,13 @@ def linear_from_streams(entry: dict, streams: dict[str, bytes], precision: int |
             if sparse:
                 symbols = _pattern_symbols_np(_bytes_np(streams["patterns"]), n * k // 4)
                 meta = _nibbles_to_words(_POSITION_NIBBLES[symbols], n, k // 32)
-        scales = _as_tensor(streams["scales"], torch.float16, [n, k // group])
-        zeros = _as_tensor(streams["zeros"], torch.float16, [n, k // group])
+        if "lscales" in streams:  # version 5 log scales, symmetric zeros
+            scales = logscale.decode(_as_tensor(streams["scale0"], torch.float16, [1]),
+                                     _as_tensor(streams["lscales"], torch.uint8, [n, k // group]))
+            zeros = torch.full((n, k // group), float(1 << (bits - 1)), dtype=torch.float16)
+        else:
+            scales = _as_tensor(streams["scales"], torch.float16, [n, k // group])
+            zeros = _as_tensor(streams["zeros"], torch.float16, [n, k // group])
         return PackedLinear(n, k, bits, group, sparse, torch.from_numpy(qweight),
                             None if meta is None else torch.from_numpy(meta), scales, zeros)
     except (KeyError, RuntimeError, ValueError) as e:
@@ -325,12 +335,13 @@ def _as_tensor(raw: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor
 # ---------------------------------------------------------------- tensors
 
 def encode_tensors(linears: dict[str, PackedLinear], exact: dict[str, torch.Tensor],
-                   lossless: str) -> tuple[dict[str, bytes], dict[str, dict]]:
-    """Encode every tensor to its stored blob; returns blobs and the manifest's per-tensor entries."""
+                   lossless: str, compact: bool = False) -> tuple[dict[str, bytes], dict[str, dict]]:
+    """Encode every tensor to its stored blob; returns blobs and the manifest's per-tensor entries
+    (`compact`: version 5 log scales where a linear's zeros allow)."""
     encoding = "zstd" if lossless == "zstd" else "raw"
     blobs, entries = {}, {}
     for name, packed in linears.items():
-        blobs[name], streams = _encode_streams(linear_streams(packed), encoding)
+        blobs[name], streams = _encode_streams(linear_streams(packed, compact), encoding)
         shape = [packed.out_features, packed.in_features]
         entries[name] = {"kind": "linear", "codec": "packed", "shape": shape, "bits": packed.bits,
                          "group_size": packed.group_size, "sparse24": packed.sparse24,

@@ -15,6 +15,8 @@ import numpy as np
 
 from deltazip.errors import ArtifactError, ChecksumError, DeltazipError
 from deltazip.format.schema import (
+    COMPACT_KEY,
+    COMPACT_VERSION,
     FINGERPRINT_RE,
     FORMAT_NAME,
     MANIFEST,
@@ -24,12 +26,14 @@ from deltazip.format.schema import (
     PAYLOAD,
     READ_VERSIONS,
     checksum_key,
+    inflate_tensors,
     parse_manifest,
     validate_manifest,
 )
 from deltazip.hf import ModelWeights
 
 FORMAT_VERSION = 4  # written; 4 records blake3 file checksums (docs/FORMAT.md); 2 and 3 still read
+# written with compact=True (budgeted artifacts): blake3 and the tensor table as `tensors_zstd`
 SHA256_VERSION = 2  # written with checksum="sha256" (the layout older readers know); 2 adds `nibbles`
 ANY_PRECISION_VERSION = 3  # ... or this when a linear is any-precision (bitplanes; version 2 readers refuse)
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "PAYLOAD", "READ_VERSIONS", "check_fingerprint",
@@ -53,11 +57,12 @@ def check_fingerprint(fingerprint: str) -> None:
 
 
 def new_manifest(name: str, base_fingerprint: str, entries: dict[str, dict],
-                 info: dict | None = None, checksum: str = "blake3") -> dict:
+                 info: dict | None = None, checksum: str = "blake3", compact: bool = False) -> dict:
     """The manifest of tensor `entries` (codec.encode_tensors); `info` adds fields (target, settings, stats).
 
     `files` and the size stats are filled in by write_manifest once the payload is on disk. `checksum`
     "blake3" writes version 4; "sha256" the older versions 2 / 3 (what readers before version 4 accept).
+    `compact` (blake3 only) writes version 5, whose manifest.json stores the tensor table zstd-compressed.
     """
     num_params = sum(int(np.prod(e["shape"])) for e in entries.values())
     raw = sum(s[1] for e in entries.values() for s in e["streams"])
@@ -65,8 +70,11 @@ def new_manifest(name: str, base_fingerprint: str, entries: dict[str, dict],
     info = dict(info or {})
     if checksum not in ("blake3", "sha256"):
         raise ValueError(f"unknown checksum {checksum!r} (blake3 or sha256)")
-    version = (FORMAT_VERSION if checksum == "blake3" else ANY_PRECISION_VERSION
-               if any("precisions" in e for e in entries.values()) else SHA256_VERSION)
+    if compact and checksum != "blake3":
+        raise ValueError("a compact manifest (version 5) needs blake3 checksums")
+    any_precision = any("precisions" in e for e in entries.values())
+    version = (COMPACT_VERSION if compact else FORMAT_VERSION if checksum == "blake3"
+               else ANY_PRECISION_VERSION if any_precision else SHA256_VERSION)
     manifest = {"format": FORMAT_NAME, "version": version, "name": name,
                 "base": {"fingerprint": base_fingerprint, **info.pop("base", {})}, **info}
     stats = manifest.setdefault("stats", {})
@@ -88,10 +96,25 @@ def write_manifest(directory: Path, manifest: dict) -> None:
         total = payload.stat().st_size + len(text.encode())
         stats.update({"artifact_bytes": total, "ratio": 2 * num_params / total,
                       "bits_per_weight": 8 * total / max(num_params, 1)})
-        text, previous = json.dumps(manifest, separators=(",", ":")), text
+        text, previous = manifest_text(manifest), text
         if len(text.encode()) == len(previous.encode()):
             break
     (directory / MANIFEST).write_text(text)
+
+
+def manifest_text(manifest: dict) -> str:
+    """manifest.json as written: compact JSON; from version 5 the tensor table as `tensors_zstd` (base64 of
+    one zstd-19 frame of its compact JSON)."""
+    if manifest.get("version", 0) < COMPACT_VERSION or "tensors" not in manifest:
+        return json.dumps(manifest, separators=(",", ":"))
+    import base64
+
+    import zstandard
+
+    table = json.dumps(manifest["tensors"], separators=(",", ":")).encode()
+    packed = base64.b64encode(zstandard.ZstdCompressor(level=19).compress(table)).decode("ascii")
+    out = {COMPACT_KEY if k == "tensors" else k: packed if k == "tensors" else v for k, v in manifest.items()}
+    return json.dumps(out, separators=(",", ":"))
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -104,7 +127,7 @@ def read_manifest(path: str | Path) -> dict:
         text = read_regular_file(file, MAX_MANIFEST_BYTES + 1)
     except OSError:
         raise ArtifactError(f"{path}: not a delta artifact (no readable {MANIFEST})") from None
-    return validate_manifest(parse_manifest(text, str(file)), str(file))
+    return validate_manifest(inflate_tensors(parse_manifest(text, str(file)), str(file)), str(file))
 
 
 def read_regular_file(file: Path, limit: int) -> bytes:

@@ -17,8 +17,10 @@ import numpy as np
 from deltazip.errors import ArtifactError
 
 FORMAT_NAME = "deltazip.delta"
-READ_VERSIONS = (1, 2, 3, 4)  # 3 adds any-precision linears (bitplanes, `precisions`); 4: blake3 checksums
+READ_VERSIONS = (1, 2, 3, 4, 5)  # 3: any-precision linears (bitplanes, `precisions`); 4: blake3 checksums
 BLAKE3_VERSION = 4  # from this version on, `files` entries carry `blake3` (earlier: `sha256`)
+COMPACT_VERSION = 5  # from here on: `tensors_zstd` (base64 zstd JSON of the tensor table) and log scales
+COMPACT_KEY = "tensors_zstd"
 MANIFEST = "manifest.json"
 PAYLOAD = "delta.safetensors"
 
@@ -150,6 +152,37 @@ def parse_manifest(text: bytes, where: str) -> dict:
     return manifest
 
 
+def inflate_tensors(manifest: dict, where: str) -> dict:
+    """A version ≥ 5 manifest may store its tensor table as `tensors_zstd`: base64 of one zstd frame of the
+    table's compact JSON. Decode it (bounded like manifest.json itself) into `tensors`; others unchanged."""
+    if COMPACT_KEY not in manifest:
+        return manifest
+    import base64
+    import binascii
+
+    import zstandard
+
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < COMPACT_VERSION:
+        raise ArtifactError(f"{where}: field {COMPACT_KEY!r} needs version {COMPACT_VERSION} or later")
+    if "tensors" in manifest:
+        raise ArtifactError(f"{where}: field {COMPACT_KEY!r} and field 'tensors' are exclusive")
+    packed = manifest[COMPACT_KEY]
+    if not isinstance(packed, str) or len(packed) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{where}: field {COMPACT_KEY!r} must be a base64 string")
+    try:
+        frame = base64.b64decode(packed.encode("ascii"), validate=True)
+        text = zstandard.ZstdDecompressor().decompress(frame, max_output_size=MAX_MANIFEST_BYTES)
+    except (ValueError, binascii.Error, zstandard.ZstdError) as e:
+        raise ArtifactError(f"{where}: field {COMPACT_KEY!r} cannot be decoded ({_show(str(e), 80)})"
+                            ) from None
+    if len(text) > MAX_MANIFEST_BYTES:  # a frame without a content size decodes up to the bound only
+        raise ArtifactError(f"{where}: field {COMPACT_KEY!r} decodes to more than {MAX_MANIFEST_BYTES} bytes")
+    out = {k: v for k, v in manifest.items() if k != COMPACT_KEY}
+    out["tensors"] = parse_manifest(text, f"{where} ({COMPACT_KEY})")
+    return out
+
+
 # ---------------------------------------------------------------- fields
 
 def validate_manifest(manifest: object, where: str) -> dict:
@@ -192,7 +225,7 @@ def _validate(m: object) -> None:
     tensors = _dict(m["tensors"], "tensors")
     for name, entry in tensors.items():
         _str(name, "tensors", TENSOR_NAME_RE, MAX_TENSOR_NAME)  # a bad key is named by its value
-        _validate_tensor(entry, f"tensors.{name}")
+        _validate_tensor(entry, f"tensors.{name}", version >= COMPACT_VERSION)
 
 
 def checksum_key(version: int) -> str:
@@ -258,7 +291,7 @@ def _validate_precisions(value: object, bits: int, field: str) -> None:
                            f"not {_show(value)}")
 
 
-def _validate_tensor(entry: object, where: str) -> None:
+def _validate_tensor(entry: object, where: str, compact: bool = False) -> None:
     entry = _dict(entry, where)
     for key in ("kind", "codec", "shape", "encoding", "streams"):
         if key not in entry:
@@ -322,6 +355,9 @@ def _validate_tensor(entry: object, where: str) -> None:
             n, k = shape
             expected["nibbles"] = expected["groups"] = n * k // 4
             allowed += [base | {"nibbles"}, base | {"groups"}]  # version 2 and version 1 layouts
+        if compact:  # version 5: log scales (scale0 + lscales) instead of scales + zeros
+            expected.update(scale0=2, lscales=expected["scales"] // 2)
+            allowed += [a - {"scales", "zeros"} | {"scale0", "lscales"} for a in allowed]
         if "precisions" in entry:  # version 3 any-precision: patterns, bitplanes, per-precision scales/zeros
             expected = any_precision_sizes(entry)
             allowed = [set(expected)]
