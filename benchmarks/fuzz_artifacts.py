@@ -90,6 +90,11 @@ def make_seeds(root: Path, extra: list[Path] = ()) -> list[Path]:
         seeds.append(save_delta(root / "d.dz", "d", FINGERPRINT,
                                 {"lm_head": _random_packed(4, 64, 2, True, 32, gen)},
                                 {"model.norm.weight": torch.randn(64, generator=gen)}, checksum="sha256"))
+    if "compact" in signature(save_delta).parameters:  # version 5: log scales, tensor table as tensors_zstd
+        seeds.append(save_delta(root / "e.dz", "e", FINGERPRINT,
+                                {"model.layers.0.mlp.gate_proj": _random_packed(8, 64, 2, False, 32, gen),
+                                 "lm_head": _random_packed(4, 64, 3, True, 64, gen)},
+                                {"model.norm.weight": torch.randn(64, generator=gen)}, compact=True))
     for i, path in enumerate(extra):
         dest = root / f"extra{i}.dz"
         shutil.copytree(path, dest)
@@ -194,6 +199,8 @@ def mutate_manifest(manifest: dict, rng: random.Random) -> tuple[dict | None, by
     m = copy.deepcopy(manifest)
     op = rng.choice(["set", "set", "set", "numeric", "numeric", "delete", "delete", "add", "nest", "rename",
                      "streams", "files", "text", "dupkey"])
+    if "tensors" not in m and op in ("streams", "dupkey"):  # version 5 `tensors_zstd`: one string to break
+        op = "set"
     paths = [p for p, _ in _paths(m) if p]
     if op == "set":
         path = rng.choice(paths)

@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_fixed_costs.py run TASK (--ratio R | --budget-bytes B)
         --tag TAG [--log FILE.jsonl]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_fixed_costs.py write [--log FILE.jsonl]
+        [--notes-file NOTES]
 
 `run` compresses one family task with a byte budget (deltazip.compress.compress_model, the shipped allocator),
 evaluates base + decoded artifact by greedy exact match on the task's full held-out set (200 examples) and
@@ -75,7 +76,7 @@ def run(task: str, ratio: float, budget: int, tag: str, log: Path) -> None:
 
 
 def write(log: Path, notes: str) -> None:
-    from benchmarks._results import command_line, markdown_table, write_section
+    from benchmarks._results import markdown_table, write_section
 
     rows = []
     for line in log.read_text().splitlines():
@@ -87,7 +88,9 @@ def write(log: Path, notes: str) -> None:
     table = markdown_table(["variant", "task", "format", "artifact bytes", "ratio vs fp16", "acc %",
                             "fine-tune acc %", "retention", "codes B", "scales B", "exact B", "header B",
                             "manifest B", "compress s"], rows)
-    write_section(TITLE, command_line(), table, notes)
+    command = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_fixed_costs.py run TASK (--ratio R | "
+               "--budget-bytes B) --tag TAG, one per row; then ... write --notes-file NOTES")
+    write_section(TITLE, command, table, notes)
 
 
 def main() -> None:
@@ -98,12 +101,12 @@ def main() -> None:
     parser.add_argument("--budget-bytes", type=int, default=0)
     parser.add_argument("--tag", default="")
     parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "ratio_fixed_costs.jsonl")
-    parser.add_argument("--notes", default="")
+    parser.add_argument("--notes-file", type=Path, help="text under the table")
     args = parser.parse_args()
     if args.mode == "run":
         run(args.task, args.ratio, args.budget_bytes, args.tag, args.log)
     else:
-        write(args.log, args.notes)
+        write(args.log, args.notes_file.read_text() if args.notes_file else "")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -97,6 +99,11 @@ def test_target_ratio_end_to_end(synthetic, tmp_path):
     assert len(layouts) >= 1
     delta = load_delta(out)  # loads, and every tensor is a layout the kernels serve (2:4 or dense codes)
     assert all(p.bits in (2, 3, 4) for p in delta.linears.values())
+    # format version 5: log scales (no zeros stream) and the tensor table compressed in manifest.json
+    assert manifest["version"] == 5 and read_manifest(plain)["version"] == 4
+    assert "tensors_zstd" in json.loads((out / "manifest.json").read_text())
+    assert all({s[0] for s in e["streams"]} >= {"scale0", "lscales"} for e in manifest["tensors"].values()
+               if e["kind"] == "linear")
     budget = manifest["stats"]["artifact_bytes"] + 2000
     out = compress_model(synthetic / "base", synthetic / "ft", tmp_path / "b.dz",
                          dataclasses.replace(FAST, budget_bytes=budget), calib=synthetic / "calib.jsonl")

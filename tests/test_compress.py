@@ -104,6 +104,23 @@ def test_scale_tuning_fits_the_teacher_and_keeps_codes():
                        x.shape[0], steps=3, lr=0.03, batch=64)["w"] is solved
 
 
+def test_tuning_time_budget_is_a_step_count_from_block_0_on(monkeypatch):
+    """With a time budget, tune_scales reports the steps it ran; the pipeline fixes that count after
+    block 0 (saved with block 0's checkpoint), so later blocks do not depend on wall time."""
+    from deltazip.compress import tune
+    from deltazip.compress.obs import solve_delta
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(tune.time, "perf_counter", lambda: float(next(clock)))
+    torch.manual_seed(0)
+    x, delta = torch.randn(64, 32), 0.01 * torch.randn(16, 32)
+    packed = solve_delta(delta, 2 / 64 * x.T @ x, 4, "none", 32, 0.01, 32)
+    taken: dict = {}
+    tune.tune_scales({"w": packed}, lambda s, rows: ((x[rows] @ (s.dense("w") - delta).T) ** 2).mean(),
+                     64, steps=50, lr=0.03, batch=16, max_seconds=5.5, taken=taken)
+    assert taken["steps"] == 5  # one clock tick per step: the budget, not the 50 steps, ended it
+
+
 def test_calibration_windows_start_at_text_starts(synthetic):
     from transformers import AutoTokenizer
 

@@ -129,6 +129,49 @@ def test_oracle_tied_embeddings_tp2(tmp_path):
             assert_fp16_export_close(base[r][name], delta[name], want, f"rank {r} {name}")
 
 
+def converter_model(family: str):
+    """A one-layer Mistral or Qwen2 (transformers' own classes) shaped like converter_llama; Qwen2 has q/k/v
+    biases, Mistral a sliding window."""
+    import transformers
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=301, hidden_size=128, intermediate_size=384, num_hidden_layers=1,
+              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
+    if family == "mistral":
+        config = transformers.MistralConfig(**kw, sliding_window=32, architectures=["MistralForCausalLM"])
+        return transformers.MistralForCausalLM(config).eval()
+    config = transformers.Qwen2Config(**kw, architectures=["Qwen2ForCausalLM"])
+    return transformers.Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_oracle_mistral_and_qwen2_export_equals_base_plus_rank_delta(family, tp, tmp_path):
+    """modelopt's export of (base + Δ) = exported base + our rank-local Δ, Qwen2's fused qkv bias included
+    (its q/k/v bias deltas are exact, fused and split like the qkv weight's rows)."""
+    model = converter_model(family)
+    linears, exact = random_delta(model, 2, 32 if tp == 2 else None, True, seed=tp)
+    biases = {n for n in exact if n.endswith("_proj.bias")}
+    assert len(biases) == (3 if family == "qwen2" else 0)
+    shape = ModelShape.from_hf_config(model.config.to_dict())
+    ranks = shard_delta(linears, exact, shape, tp)
+    write_delta_layout(ranks, tmp_path / "delta", "t", "fp", shape)
+    layout = read_delta_layout(tmp_path / "delta")
+    base = export(model, tmp_path / "base", tp)
+    target = export(merged(model, linears, exact), tmp_path / "merged", tp)
+    for r in range(tp):
+        delta = dense_of(layout.load_rank(r))
+        assert set(delta) == set(base[r]), "every exported tensor has a delta here"
+        assert ("transformer.layers.0.attention.qkv.bias" in delta) == (family == "qwen2")
+        for name, want in target[r].items():
+            assert base[r][name].shape == want.shape == delta[name].shape, name
+            assert_fp16_export_close(base[r][name], delta[name], want, f"{family} rank {r} {name}")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["architecture"] == {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    if family == "qwen2":
+        assert (config["qwen_type"], config["attn_bias"]) == ("qwen2", True)
+
+
 def test_awq_vocab_padding_matches_exporter():
     """The delta layout pads vocab like the exporter pads an AWQ base: to 64, then to tp."""
     from deltazip.converters.split import padded_vocab

@@ -358,15 +358,13 @@ def test_resume_after_a_kill_gives_the_uninterrupted_artifact(calib, tmp_path):
 
 
 def test_linear_groups_do_not_depend_on_reused_addresses(tmp_path):
-    """sequential_groups keys groups by input address; an input freed mid-pass could lend its address to a
-    later one (o_proj's to post_attention_layernorm's output) and merge o_proj into [gate, up] — the cause
-    of resumed artifacts that differed in about 1 run of 3. Allocations between probes vary the heap."""
+    """A freed input's reused address once merged o_proj into [gate, up] (resumed artifacts differed in ~1
+    run of 3); allocations between the probes vary the heap."""
     import transformers
 
     from deltazip.compress.blocks import BlockRunner, sequential_groups
     from deltazip.hf import ModelWeights
 
-    torch.manual_seed(0)
     model = save(transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON)), tmp_path / "m",
                  torch.float32, False, "v5")
     runner = BlockRunner(model)
@@ -379,23 +377,6 @@ def test_linear_groups_do_not_depend_on_reused_addresses(tmp_path):
         if i % 3 == 0:
             junk.pop(0)
         assert sequential_groups(runner, layer, torch.randn(2, 32, COMMON["hidden_size"])) == want
-
-
-def test_tuning_time_budget_is_a_step_count_from_block_0_on(monkeypatch):
-    """With a time budget, tune_scales reports the steps it ran; the pipeline fixes that count after
-    block 0 (saved with block 0's checkpoint), so later blocks do not depend on wall time."""
-    from deltazip.compress import tune
-    from deltazip.compress.obs import solve_delta
-
-    clock = iter(range(1000))
-    monkeypatch.setattr(tune.time, "perf_counter", lambda: float(next(clock)))
-    torch.manual_seed(0)
-    x, delta = torch.randn(64, 32), 0.01 * torch.randn(16, 32)
-    packed = solve_delta(delta, 2 / 64 * x.T @ x, 4, "none", 32, 0.01, 32)
-    taken: dict = {}
-    tune.tune_scales({"w": packed}, lambda s, rows: ((x[rows] @ (s.dense("w") - delta).T) ** 2).mean(),
-                     64, steps=50, lr=0.03, batch=16, max_seconds=5.5, taken=taken)
-    assert taken["steps"] == 5  # one clock tick per step: the budget, not the 50 steps, ended it
 
 
 # ---- defaults by size, eval --device ----------------------------------------------------------------------

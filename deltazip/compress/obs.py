@@ -55,6 +55,42 @@ def _factors(hessian: torch.Tensor, damp: float, owned: bool = False) -> tuple[t
     return _lower_inverse(lower).flip(0, 1), lower
 
 
+def _sketched_factors(hessian: torch.Tensor, order: torch.Tensor | None,
+                      damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, F·S) for the sketched path: U as in `_factors` for H permuted by `order`, and the sketch factor
+    of `refit_scales` ((P L) S, S the seeded Gaussian [K, SKETCH]) — the same values as `_factors` then
+    `refit_scales(lower=L)`, with a smaller working set (K = 11008: 0.45 GiB per K × K matrix): P H P is
+    built in one copy (no separate flip), freed after the Cholesky; L is freed once S is applied and the
+    inverse formed; the unflipped inverse is freed as soon as U is copied out of it."""
+    n = hessian.shape[0]
+    order = torch.arange(n, device=hessian.device) if order is None else order
+    diag = torch.diag(hessian).float()[order]  # the diagonal in `order`: damping as `_damped` computes it
+    dead = diag == 0
+    diag[dead] = 1.0
+    shift = damp * torch.mean(diag)
+    rev = order.flip(0)
+    h = hessian.float().index_select(0, rev).index_select(1, rev)  # P H_order P
+    eye = torch.arange(n, device=h.device)
+    h[eye[dead.flip(0)], eye[dead.flip(0)]] = 1.0
+    h[eye, eye] += shift
+    for attempt in range(6):  # grow damping if H is numerically indefinite
+        lower, info = torch.linalg.cholesky_ex(h)
+        if info == 0:
+            break
+        h[eye, eye] += damp * torch.mean(torch.diag(h)) * 10**attempt + 1e-6
+    else:
+        raise ValueError("the input Hessian is not positive definite even after damping")
+    del h
+    gen = torch.Generator(device=lower.device).manual_seed(0)
+    sketch = torch.randn(n, SKETCH, generator=gen, device=lower.device) / SKETCH**0.5
+    factor = (lower @ sketch).flip(0)
+    inverse = _lower_inverse(lower)
+    del lower
+    u = inverse.flip(0, 1)
+    del inverse
+    return u, factor
+
+
 def _damped(hessian: torch.Tensor, damp: float, owned: bool = False) -> torch.Tensor:
     h = hessian.float() if owned else hessian.float().clone()
     dead = torch.diag(h) == 0
@@ -130,18 +166,20 @@ def solve_delta(delta: torch.Tensor, hessian: torch.Tensor | None, bits: int, sp
         w[:, dead] = 0
     per_row = group == n_cols
     order = _act_order(hessian) if per_row and n_cols % 4 == 0 else None
-    h = hessian.float()
-    if order is not None:
-        w, h = w.index_select(1, order), h.index_select(0, order).index_select(1, order)
     sketched = per_row and n_cols > 2 * SKETCH
-    u, lower = _factors(h, damp, owned=sketched and order is not None)  # h is needed later only unsketched
-    if sketched:
-        del h
-        h = None
+    h = factor = None
+    if order is not None:
+        w = w.index_select(1, order)
+    if sketched:  # H itself is not needed after the factorisation: only U and the sketch factor
+        u, factor = _sketched_factors(hessian, order, damp)
+    else:
+        h = hessian.float()
+        if order is not None:
+            h = h.index_select(0, order).index_select(1, order)
+        u, _ = _factors(h, damp)
     scales = _initial_row_scales(w, bits, sparse24, prune_fraction) if per_row else None
     steps, pruned, scales = _sweep(w, u, bits, sparse24, prune_fraction, group, block_size, scales)
-    scales = refit_scales(w, steps, scales, h, group, lower if sketched else None)
-    del lower
+    scales = refit_scales(w, steps, scales, h, group, factor=factor)
     if h is not None and n_rows * n_cols <= SECOND_SWEEP_MAX:
         # a small layer: sweep again against the refit scales and keep, per row, the better (exact error)
         steps2, pruned2, scales2 = _sweep(w, u, bits, sparse24, prune_fraction, group, block_size, scales)
@@ -299,12 +337,14 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fr
 
 
 def refit_scales(delta: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor, h: torch.Tensor | None,
-                 group: int, lower: torch.Tensor | None = None) -> torch.Tensor:
+                 group: int, lower: torch.Tensor | None = None,
+                 factor: torch.Tensor | None = None) -> torch.Tensor:
     """Refit scales [N, G] to the chosen codes: s_g = (u_gᵀ H_gg Δ_g) / (u_gᵀ H_gg u_g), u = code − zero.
 
     Least squares for ‖(Ŵ − Δ) X‖² when G = 1 — with `lower` (L of P H P = L Lᵀ, H damped, so F = P L has
     F Fᵀ = H) H is sketched as (F·S)(F·S)ᵀ, S a seeded Gaussian [K, SKETCH]; per group (block-diagonal H)
-    otherwise. A row keeps its new scales only where the (estimated) output error drops.
+    otherwise. A row keeps its new scales only where the (estimated) output error drops. `factor`: that
+    sketch (P L)·S already computed (`_sketched_factors`), in place of `lower`.
     """
     n_rows, n_cols = steps.shape
     if group == n_cols:
@@ -314,10 +354,11 @@ def refit_scales(delta: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor,
             gen = torch.Generator(device=lower.device).manual_seed(0)
             sketch = torch.randn(n_cols, SKETCH, generator=gen, device=lower.device) / SKETCH**0.5
             factor = (lower @ sketch).flip(0)  # P L S: E[factor factorᵀ] = H (damped)
+        sketched = factor is not None
         for r in range(0, n_rows, 4096):  # row chunks: int8 steps become fp32 a chunk at a time
             rows = slice(r, r + 4096)
             st = steps[rows].float()
-            if lower is not None:
+            if sketched:
                 sx, dx = st @ factor, delta[rows] @ factor
                 a[rows], b[rows] = (sx * sx).sum(1, keepdim=True), (sx * dx).sum(1, keepdim=True)
             else:

@@ -228,7 +228,7 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
     if budgeted:
         linears = {k: log_snapped(v) for k, v in linears.items()}  # the scales the artifact stores
     save_delta(out_dir, name, fingerprint, linears, exact, info, settings.lossless, overwrite=overwrite,
-               compact=budgeted)  # every byte counts: the tensor table zstd-compressed (format version 5)
+               compact=budgeted)  # every byte counts: format version 5 (log scales, zstd tensor table)
     if settings.bits != 16 and checkpoints is not None:
         checkpoints.finish()
     return out_dir
@@ -312,7 +312,9 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
     runner = BlockRunner(target.dir)
     tokens = tokens.to(device)
     b, t = take_delta(EMBED)
-    embed_base = b.float().to(device)
+    # Memory: base weights stay in their stored dtype (fp16/bf16: half of fp32) and become fp32 per use (the
+    # same values); the embedding's base is dropped once block 0 (the only block that re-embeds) is done.
+    embed_base = b.to(device)
     # Tuning's time budget is spent once, by block 0; its step count then holds for every later block and
     # the head (saved with block 0), so the artifact does not depend on the speed of the later blocks and
     # a resumed run reproduces an uninterrupted one.
@@ -322,9 +324,9 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
         if checkpoints.tune_steps is not None:
             tuning = dataclasses.replace(settings, tune_steps=checkpoints.tune_steps, tune_seconds=0.0)
     else:  # no Hessian: magnitude + RTN
-        linears["model.embed_tokens"] = solve(EMBED, t.float().to(device) - embed_base, None)
+        linears["model.embed_tokens"] = solve(EMBED, t.to(device).float() - embed_base.float(), None)
     hidden = _embed(tokens, embed_base, linears["model.embed_tokens"])
-    hidden_ft = F.embedding(tokens, t.float().to(device))
+    hidden_ft = F.embedding(tokens, t.to(device)).float()  # rows first: no fp32 copy of the whole table
     del b, t
 
     started = time.perf_counter()
@@ -338,6 +340,7 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
             hidden_ft = out_ft
             if index == 0:
                 after_first_block()
+                embed_base = None
             continue
         base_weights = {}
         for group in sequential_groups(runner, layer, hidden):
@@ -345,10 +348,12 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
             for lin in group:
                 param = f"{prefix}{lin}.weight"
                 b, t = take_delta(param)
-                base_weights[lin] = b.float().to(device)
-                packed = solve(param, t.float().to(device) - base_weights[lin], hessians[lin])
+                base_weights[lin] = b.to(device)
+                packed = solve(param, t.to(device).float() - base_weights[lin].float(), hessians.pop(lin))
+                del b, t
                 linears[f"{prefix}{lin}"] = packed
-                layer.get_submodule(lin).weight.copy_(base_weights[lin] + packed.dequantize().to(device))
+                weight = layer.get_submodule(lin).weight
+                weight.copy_(base_weights[lin].float() + packed.dequantize().to(device))
         if tuning.tune_steps > 0:
             taken: list[int] = []
             names = [f"{prefix}{lin}" for lin in base_weights]
@@ -378,8 +383,10 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
                 done["model.embed_tokens"] = linears["model.embed_tokens"]
             checkpoints.save(index, done, {n: v for n, v in exact.items() if n.startswith(prefix)},
                              checkpoints.norms, tune_steps=tuning.tune_steps if index == 0 else None)
+        del base_weights
         if index == 0:
             after_first_block()
+            embed_base = None
         seconds = time.perf_counter() - started
         log.info("block %d/%d done (%.1f s); ETA %.0f s", index + 1, runner.num_layers, seconds,
                  seconds / (index + 1) * (runner.num_layers - index - 1))
@@ -402,7 +409,7 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
 
 def _embed(tokens: torch.Tensor, embed_base: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
     """Token embeddings through base + Δ̂ (one expression for the first run and a resumed one)."""
-    return F.embedding(tokens, embed_base + packed.dequantize().to(embed_base.device))
+    return F.embedding(tokens, embed_base.float() + packed.dequantize().to(embed_base.device))
 
 
 def _replay_block(runner: BlockRunner, layer: torch.nn.Module, index: int, base: ModelWeights,
@@ -415,7 +422,7 @@ def _replay_block(runner: BlockRunner, layer: torch.nn.Module, index: int, base:
     linears.update(done)
     exact.update(done_exact)
     checkpoints.norms[:] = norms
-    device = embed_base.device
+    device = hidden.device
     for lin in _linear_set(layer):
         weight = base.get(f"{prefix}{lin}.weight").float().to(device)
         layer.get_submodule(lin).weight.copy_(weight + linears[f"{prefix}{lin}"].dequantize().to(device))
@@ -447,8 +454,9 @@ def _tune_block(runner: BlockRunner, layer: torch.nn.Module, base_weights: dict,
         packed["embed"] = linears["model.embed_tokens"]
 
     def loss_fn(scales: ScaleSet, rows: slice) -> torch.Tensor:
-        weights = {f"{lin}.weight": base_weights[lin] + scales.dense(lin) for lin in base_weights}
-        x = F.embedding(tokens[rows], embed_base + scales.dense("embed")) if tune_embedding else hidden[rows]
+        weights = {f"{lin}.weight": base_weights[lin].float() + scales.dense(lin) for lin in base_weights}
+        x = (F.embedding(tokens[rows], embed_base.float() + scales.dense("embed")) if tune_embedding
+             else hidden[rows])
         out = functional_call(layer, weights, (x,), {"position_embeddings": runner.position_embeddings(x)})
         return F.mse_loss(out, out_ft[rows])
 
@@ -460,7 +468,8 @@ def _tune_block(runner: BlockRunner, layer: torch.nn.Module, base_weights: dict,
         taken.append(count["steps"])
     for lin in base_weights:
         linears[f"{prefix}{lin}"] = tuned[lin]
-        layer.get_submodule(lin).weight.copy_(base_weights[lin] + tuned[lin].dequantize().to(hidden.device))
+        weight = layer.get_submodule(lin).weight
+        weight.copy_(base_weights[lin].float() + tuned[lin].dequantize().to(hidden.device))
     if not tune_embedding:
         return hidden
     linears["model.embed_tokens"] = tuned["embed"]

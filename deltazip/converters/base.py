@@ -1,4 +1,4 @@
-"""HF Llama / Mistral / Qwen2 base → TensorRT-LLM checkpoint via NVIDIA Model Optimizer's exporter (optionally quantized).
+"""HF Llama, Mistral or Qwen2 base → TensorRT-LLM checkpoint via modelopt's exporter (optionally quantized).
 
 The exporter (``modelopt.torch.export.export_tensorrt_llm_checkpoint``) does the fusion, TP split, GQA dup
 and vocab padding; it runs on a CPU-only machine without TensorRT-LLM. A quantized base is made with
@@ -134,9 +134,10 @@ def decoder_type(model) -> str:
 
 def write_architecture_fields(checkpoint_dir: Path, hf_config: dict) -> None:
     """Qwen2: the fields TensorRT-LLM's QWenConfig.from_hugging_face writes (architecture Qwen2ForCausalLM,
-    qwen_type qwen2, attn_bias) — modelopt's manual writer, used without tensorrt_llm installed, names the
-    architecture QWenForCausalLM (Qwen 1) and leaves qwen_type out. Mistral stays LlamaForCausalLM (as
-    TensorRT-LLM maps it); its sliding window is a runtime setting there (max_attention_window_size)."""
+    qwen_type qwen2, attn_bias) — modelopt's manual writer, used without tensorrt_llm installed, leaves
+    qwen_type and attn_bias out (QWenConfig would then build Qwen 1). Mistral keeps the architecture the
+    exporter copies from the HF config, MistralForCausalLM, which TensorRT-LLM's MODEL_MAP builds as its
+    Llama; the sliding window is a runtime setting there (max_attention_window_size) (no checkpoint field)."""
     if hf_config.get("model_type") != "qwen2":
         return
     path = Path(checkpoint_dir) / "config.json"

@@ -64,7 +64,8 @@ def trt_target(hf_module: str) -> TrtTarget:
             return TrtTarget(prefix + suffix, kind)
         if rest in _LAYER_NORMS:
             return TrtTarget(prefix + _LAYER_NORMS[rest], "replicated")
-    raise DeltazipError(f"no TensorRT-LLM name for '{hf_module}' (only Llama, Mistral and Qwen2 modules are supported)")
+    raise DeltazipError(f"no TensorRT-LLM name for '{hf_module}' (only Llama, Mistral and Qwen2 modules are "
+                        "supported)")
 
 
 def hf_module_of_param(param_name: str) -> tuple[str, str]:
