@@ -15,7 +15,6 @@ the same ports. The same happens when tritonserver itself dies. More than `max_r
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import os
@@ -121,13 +120,14 @@ def server_env(paths: TritonPaths) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGINT if the launching process dies (no orphaned server)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _die_with_parent() -> list[str]:
+    """A command prefix that makes the server get SIGINT if the launching process dies (no orphaned server).
+
+    util-linux `setpriv --pdeathsig` sets it and then execs; no Python runs between fork and exec (a
+    preexec_fn would, and in a process with gRPC or torch threads that child could crash before exec).
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "INT", "--"] if setpriv else []
 
 
 def shm_regions(prefix: str) -> list[Path]:
@@ -222,9 +222,8 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:  # a restart appends: the crash stays readable
             self.process = subprocess.Popen(
-                self.command(paths), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self._env(paths), cwd=self.build_dir, start_new_session=True,
-                preexec_fn=_die_with_parent,
+                _die_with_parent() + self.command(paths), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=self._env(paths), cwd=self.build_dir, start_new_session=True,
             )
         try:
             self._wait_ready()
