@@ -79,7 +79,8 @@ def grpc_inputs(prompt: str, model: str, stream: bool, params: dict) -> list:
     return inputs
 
 
-def _first(result, name: str):
+def first_output(result, name: str):
+    """The first element of a response's output tensor, decoded to str; None where it is absent."""
     array = result.as_numpy(name)
     if array is None or array.size == 0:
         return None
@@ -122,16 +123,16 @@ def stream_request(url: str, inputs: list, on_chunk: Callable[[str], None] | Non
                 finished = True  # an error response is the request's last one
                 raise ClientError(error.message() if hasattr(error, "message") else str(error))
             response = result.get_response()
-            text = _first(result, "text_output")
+            text = first_output(result, "text_output")
             if text:
                 chunks.append(text)
                 if on_chunk is not None:
                     on_chunk(text)
-            reason = _first(result, "finish_reason")
+            reason = first_output(result, "finish_reason")
             if reason:
                 done.finish_reason = reason
-                done.prompt_tokens = int(_first(result, "prompt_tokens"))
-                done.completion_tokens = int(_first(result, "completion_tokens"))
+                done.prompt_tokens = int(first_output(result, "prompt_tokens"))
+                done.completion_tokens = int(first_output(result, "completion_tokens"))
             if response.parameters["triton_final_response"].bool_param:
                 finished = True
                 break

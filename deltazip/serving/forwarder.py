@@ -80,7 +80,7 @@ class TritonForwarder:
         The last item has a finish_reason."""
         from tritonclient.grpc import InferResult
 
-        from deltazip.serving.client import grpc_inputs
+        from deltazip.serving.client import first_output, grpc_inputs
 
         rid = uuid.uuid4().hex
         live = self._live_stream()
@@ -110,13 +110,5 @@ class TritonForwarder:
                 yield text, "", 0, 0
         finally:
             live.pending.pop(rid, None)
-
-
-def first_output(result, name: str):
-    array = result.as_numpy(name)
-    if array is None or array.size == 0:
-        return None
-    value = array.reshape(-1)[0]
-    return value.decode() if isinstance(value, bytes) else value
 
 
