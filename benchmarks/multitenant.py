@@ -3,8 +3,10 @@
 Systems (the same Triton model, the same Engine and Llama executor; deltazip/runtime/full_swap.py):
   (a) deltazip   — the base plus V compressed deltas in device slots, mixed-delta batches;
   (b) full-swap  — the merged fp16 fine-tunes, at most k loaded within the SAME memory budget as (a)
-                   (k = floor(delta-slot bytes of (a) / bytes of one full model in the runtime dtype), at
-                   least 1), LRU swap from disk on a miss, one model per forward pass;
+                   (k = floor((base + delta-slot bytes of (a)) / bytes of one full model in the runtime
+                   dtype), at least 1: the whole budget goes to fine-tunes, as the trace never asks for the
+                   bare base — the engine's own base copy is outside the comparison), LRU swap from disk on
+                   a miss, one model per forward pass;
   (c) all-resident — every merged model loaded (k = V): the upper bound, run where this machine's memory
                    allows it (V x full model bytes <= --resident-limit-bytes).
 (b) is a fair stand-in for what users run without deltazip: one full checkpoint per fine-tune, as many as
@@ -22,8 +24,10 @@ Poisson arrivals at each offered rate for --duration seconds; prompt "<task> <wo
 random letters (9–17 tokens); max_tokens uniform in [8, 24] (random weights rarely emit EOS; generated
 tokens are counted from the responses), greedy. Each (V, popularity, rate) trace is drawn from --seed and
 replayed identically against every system. Before the measured traces every variant is requested once
-(warm-up). Page cache: warm — artifacts and checkpoints were just written and are not dropped (the most
-favourable case for full-model swapping; benchmarks/runtime.py measures cold loads).
+(warm-up). Page cache (--page-cache): warm — artifacts and checkpoints were just written and are not dropped
+(the most favourable case for full-model swapping); cold — during each measured trace a thread drops every
+artifact and checkpoint file from the page cache every 20 ms, so each swap-in reads the disk, as on a server
+whose page cache cannot hold V full checkpoints (V x 13-26 GB at 7B/13B).
 
 Load generator: a small asyncio replayer on tritonclient.grpc.aio (one bidirectional stream, each request
 sent at its trace time, token responses streamed back). perf_analyzer was checked first: --request-intervals
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -55,6 +60,7 @@ import statistics
 import string
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +77,12 @@ SHAPES = {  # benchmarks/runtime.py's presets
                   num_key_value_heads=2),
 }
 SYSTEMS = ("deltazip", "full-swap", "all-resident")
+PAGE_CACHE_NOTE = {
+    "warm": "Page cache warm for every system (files just written, not dropped).",
+    "cold": "Page cache cold for every system: during each measured trace a thread drops every artifact "
+            "and checkpoint file from the page cache every 20 ms (posix_fadvise DONTNEED), so every swap-in "
+            "reads the disk — the state at 7B/13B scale, where V full checkpoints outgrow the page cache.",
+}
 TASKS = ("reverse", "sort", "upper", "count", "copy", "rotate")
 
 
@@ -186,7 +198,8 @@ def budget(v: Variants, dtype: str) -> dict:
     for slot in range(len(v.names)):
         set_model_delta(model, slot, art.linears, art.exact)
     delta_bytes = resident_delta_bytes(model)
-    k = max(1, delta_bytes // base_bytes)
+    # full-swap spends the whole budget on fine-tunes: its trace never asks for the bare base
+    k = max(1, (base_bytes + delta_bytes) // base_bytes)
     return {"base_bytes": base_bytes, "delta_slot_bytes": delta_bytes,
             "budget_bytes": base_bytes + delta_bytes, "full_model_bytes": base_bytes, "k": int(k),
             "artifact_bytes": sum(f.stat().st_size for f in (v.store / f"{v.names[0]}.dz").iterdir()),
@@ -353,7 +366,9 @@ def run_system(system: str, v: Variants, work: Path, cfg, plan: list[tuple], arg
             trace = make_trace(v.names, alpha, rate, args.duration, args.seed)
             _wait_idle(server)
             before = server.engine_stats()
-            records = replay(server.grpc_url, trace, args.drain)
+            cold = args.page_cache == "cold"
+            with PageCacheEvictor([v.store, v.full]) if cold else contextlib.nullcontext():
+                records = replay(server.grpc_url, trace, args.drain)
             _wait_idle(server, 5.0)
             row = summarize(trace, records, args.slo_s, rate, before, server.engine_stats(), bytes_per_load)
             row.update(system=system, V=len(v.names), alpha=alpha)
@@ -372,6 +387,38 @@ def run_system(system: str, v: Variants, work: Path, cfg, plan: list[tuple], arg
 
 
 budget_cache: dict = {}
+
+
+class PageCacheEvictor:
+    """Keeps the given files out of the page cache (posix_fadvise DONTNEED every `period_s`): the state of a
+    server whose page cache cannot hold V full checkpoints, as at 7B/13B scale (V x 13-26 GB)."""
+
+    def __init__(self, roots: list[Path], period_s: float = 0.02) -> None:
+        self.files = [f for root in roots for f in root.rglob("*") if f.is_file()]
+        self.period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def evict(self) -> None:
+        for f in self.files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.evict()
+
+    def __enter__(self) -> PageCacheEvictor:
+        self.evict()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _start_server(out: Path, stats: Path, log_path: Path, attempts: int = 3):
@@ -439,7 +486,7 @@ def _subset(v: Variants, root: Path) -> Variants:
 
 
 # -- output --------------------------------------------------------------------------------------------------
-def plot(rows: list[dict], out_dir: Path, slo_s: float) -> list[Path]:
+def plot(rows: list[dict], out_dir: Path, slo_s: float, suffix: str = "") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,7 +508,7 @@ def plot(rows: list[dict], out_dir: Path, slo_s: float) -> list[Path]:
     axes[0][0].set_ylabel("mean end-to-end latency (s)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out_dir / "multitenant_latency.png")
+    paths.append(out_dir / f"multitenant_latency{suffix}.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(1.2 * len(combos) + 3, 3.4))
@@ -475,7 +522,7 @@ def plot(rows: list[dict], out_dir: Path, slo_s: float) -> list[Path]:
     ax.set_ylabel(f"req/s at SLO (e2e <= {slo_s:g} s, 90%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out_dir / "multitenant_slo_throughput.png")
+    paths.append(out_dir / f"multitenant_slo_throughput{suffix}.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
@@ -520,6 +567,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-context", type=int, default=64)
     parser.add_argument("--resident-limit-bytes", type=int, default=4 << 30)
+    parser.add_argument("--page-cache", choices=("warm", "cold"), default="warm",
+                        help="cold: every artifact and checkpoint file is dropped from the page cache every "
+                             "20 ms during the measured traces (warm-up excluded)")
     parser.add_argument("--no-write", action="store_true", help="print only (no RESULTS.md, no plots)")
     args = parser.parse_args()
     counts = [int(x) for x in args.variants.split(",")]
@@ -539,7 +589,8 @@ def main() -> None:
     print(summary_md, detail_md, sep="\n\n")
     if args.no_write:
         return
-    pngs = plot(rows, Path(__file__).resolve().parent, args.slo_s)
+    suffix = "" if args.page_cache == "warm" else "_cold"
+    pngs = plot(rows, Path(__file__).resolve().parent, args.slo_s, suffix)
     notes = (f"Synthetic {args.preset}-shaped base (random weights, fp16 on disk, fp32 compute on CPU), "
              f"{args.distinct} distinct random 2-bit 2:4 deltas replicated under V names; merged checkpoints "
              f"fp16. Seed {args.seed}; Poisson arrivals, {args.duration:g} s per rate, drain window "
@@ -547,12 +598,13 @@ def main() -> None:
              f"{args.slo_s:g} s (attainment over all sent requests; 'req/s at SLO' = highest achieved req/s "
              f"with >= 90% attainment). Memory budget = base + V delta slots of (a) in bytes (column 'budget "
              f"bytes'); full-swap holds k full models in that budget beside the base; all-resident holds V. "
-             f"Page cache warm for every system (files just written, not dropped). One tritonserver per "
+             f"{PAGE_CACHE_NOTE[args.page_cache]} One tritonserver per "
              f"system and V, torch runtime, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
              f"whole run {wall / 60:.1f} min, load average {os.getloadavg()[0]:.1f} at the end (2 cores "
              f"shared with other jobs). Plots: {', '.join(p.name for p in pngs)}. Definitions and why "
              f"full-swap is a fair stand-in: the docstring of benchmarks/multitenant.py.")
-    write_section(f"Multi-tenant serving: deltazip vs full-model swapping ({args.preset}-shaped)",
+    cache = "" if args.page_cache == "warm" else ", page cache cold"
+    write_section(f"Multi-tenant serving: deltazip vs full-model swapping ({args.preset}-shaped{cache})",
                   command_line(), summary_md + "\n\n" + detail_md, notes)
 
 

@@ -39,7 +39,7 @@ def test_trace_is_seeded_and_follows_popularity(mt):
 def test_smoke_run_all_systems_through_tritonserver(mt, tiny_family, tiny_deltas, tmp_path):
     v = mt.family_variants(tmp_path / "variants", tiny_family.base_dir, list(tiny_deltas.values()))
     args = Namespace(duration=2.0, drain=20.0, seed=0, slo_s=10.0, max_batch=8, max_context=64,
-                     resident_limit_bytes=1 << 30)
+                     resident_limit_bytes=1 << 30, page_cache="cold")
     spot = [(name, f"{name} {word}=") for name in v.names for word in ("abc", "hello")]
     answers: dict = {}
     rows, budgets = mt.run_matrix(v, [len(v.names)], [1.0], [3.0], args, tmp_path / "work",
