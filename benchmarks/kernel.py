@@ -6,7 +6,8 @@ noisy).
 Section 1 (CPU, per layer): 16 rows over 1/4/16 distinct 2-bit 2:4 deltas (small preset shapes), torch path
 vs the native kernel's strategies (direct, LUT, dense decode + GEMM, auto), each as a ratio to the fp32
 base GEMM of the same 16 rows.
-Section 2 (CPU): rows per segment on one delta, direct vs dense-decode: where the auto threshold comes from.
+Section 2 (CPU): rows per segment on one delta, direct vs rowvec vs dense-decode: where the auto thresholds
+come from.
 Section 3 (CPU, the issue's target): decode step of 16 sequences over 1/4/16 distinct deltas, small preset
 shape (hidden 512, 8 layers; random weights, random 2-bit 2:4 deltas on the writer's symmetric grid),
 fp32, torch path vs native, ratio to the base-only step. Targets ≤ 1.5x / 2.0x / 3.0x.
@@ -36,6 +37,7 @@ SHAPES = [("q_proj / o_proj", 512, 512), ("k_proj / v_proj", 128, 512), ("gate_p
 ROWS = 16
 DISTINCT_DELTAS = (1, 4, 16)
 STRATEGIES = ("direct", "lut", "rowvec", "dense", "auto")
+THRESHOLD_STRATEGIES = ("direct", "rowvec", "dense")
 TARGETS = {1: 1.5, 4: 2.0, 16: 3.0}
 
 
@@ -115,17 +117,16 @@ def cpu_threshold(repeats: int) -> list[list[object]]:
     n, k = 1536, 512
     slots = filled_slots(n, k, 1)
     weight = torch.randn(n, k)
-    for m in (1, 4, 16, 32, 64, 128, 256):
+    for m in (1, 4, 8, 9, 16, 32, 64, 128, 256, 512, 1024):
         x, out = torch.randn(m, k), torch.zeros(m, n)
         row_slot = torch.zeros(m, dtype=torch.int32)
         base = best_ms(lambda: x @ weight.t(), repeats)  # noqa: B023
         times = {}
-        for strategy in ("direct", "dense"):
+        for strategy in THRESHOLD_STRATEGIES:
             with native_strategy(strategy):
                 times[strategy] = best_ms(lambda: add_delta_matmul(out, x, slots, row_slot, impl="native"),  # noqa: B023
                                           repeats)
-        rows.append([m, base, times["direct"] / base, times["dense"] / base,
-                     "dense" if times["dense"] < times["direct"] else "direct"])
+        rows.append([m, base, *(times[s] / base for s in THRESHOLD_STRATEGIES), min(times, key=times.get)])
     return rows
 
 
@@ -272,13 +273,14 @@ def main() -> None:
                   "registers (8 output rows per AVX2 register, reused by up to 8 activation rows); LUT = "
                   "per-row table of the 96 partial sums of each group of 4 inputs; rowvec = lanes are "
                   "activation rows (x transposed), no permute; dense = decode a tile "
-                  "to fp32 and BLAS GEMM; auto = direct below DELTAZIP_NATIVE_DENSE_ROWS rows per segment.")
+                  "to fp32 and BLAS GEMM; auto = direct below DELTAZIP_NATIVE_ROWVEC_ROWS rows per segment, "
+                  "rowvec up to DELTAZIP_NATIVE_DENSE_ROWS, dense from there.")
     print(table)
-    table = markdown_table(["rows on one delta", "base GEMM ms", "direct / base", "dense / base", "faster"],
-                           cpu_threshold(args.repeats))
-    write_section("Delta GEMM: direct vs dense decode by segment rows (CPU)", command, table,
+    columns = ["rows on one delta", "base GEMM ms", *(f"{s} / base" for s in THRESHOLD_STRATEGIES), "fastest"]
+    table = markdown_table(columns, cpu_threshold(args.repeats))
+    write_section("Delta GEMM: direct vs rowvec vs dense decode by segment rows (CPU)", command, table,
                   "gate/up shape [1536x512], one 2-bit 2:4 delta, " + where + ". Sets the auto "
-                  "threshold DELTAZIP_NATIVE_DENSE_ROWS.")
+                  "thresholds DELTAZIP_NATIVE_ROWVEC_ROWS and DELTAZIP_NATIVE_DENSE_ROWS.")
     print(table)
     table = markdown_table(["16 sequences on", "implementation", "decode step ms", "ratio vs base", "target"],
                            decode_step(args.steps, args.rounds))

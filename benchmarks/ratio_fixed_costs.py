@@ -1,9 +1,9 @@
 """Issue 15 follow-up: budget recovered from fixed costs (format version 5) at --target-ratio 16 (tiny).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_fixed_costs.py run TASK (--ratio R | --budget-bytes B)
-        --tag TAG [--log FILE.jsonl]
+        --tag TAG [--log FILE.jsonl] [--distill-steps N]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_fixed_costs.py write [--log FILE.jsonl]
-        [--notes-file NOTES]
+        [--notes-file NOTES] [--title TITLE]
 
 `run` compresses one family task with a byte budget (deltazip.compress.compress_model, the shipped allocator),
 evaluates base + decoded artifact by greedy exact match on the task's full held-out set (200 examples) and
@@ -46,7 +46,7 @@ def where_bytes(path: Path) -> dict[str, int]:
     return out
 
 
-def run(task: str, ratio: float, budget: int, tag: str, log: Path) -> None:
+def run(task: str, ratio: float, budget: int, tag: str, log: Path, distill_steps: int | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     from deltazip.compress import compress_model
@@ -59,6 +59,8 @@ def run(task: str, ratio: float, budget: int, tag: str, log: Path) -> None:
     family = create_family(FAMILY, preset="tiny", seed=0)
     out = Path(tempfile.mkdtemp(prefix="dz-fixed-")) / f"{task}.dz"
     settings = dataclasses.replace(CompressConfig(), target_ratio=ratio, budget_bytes=budget)
+    if distill_steps is not None:  # default: CompressConfig's
+        settings = dataclasses.replace(settings, distill_steps=distill_steps)
     start = time.perf_counter()
     compress_model(family.base_dir, family.finetune_dirs[task], out, settings, name=task,
                    calib=family.calib_path, overwrite=True)
@@ -75,7 +77,7 @@ def run(task: str, ratio: float, budget: int, tag: str, log: Path) -> None:
     print(json.dumps(row), flush=True)
 
 
-def write(log: Path, notes: str) -> None:
+def write(log: Path, notes: str, title: str = TITLE) -> None:
     from benchmarks._results import markdown_table, write_section
 
     rows = []
@@ -90,7 +92,7 @@ def write(log: Path, notes: str) -> None:
                             "manifest B", "compress s"], rows)
     command = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_fixed_costs.py run TASK (--ratio R | "
                "--budget-bytes B) --tag TAG, one per row; then ... write --notes-file NOTES")
-    write_section(TITLE, command, table, notes)
+    write_section(title, command, table, notes)
 
 
 def main() -> None:
@@ -102,11 +104,13 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "ratio_fixed_costs.jsonl")
     parser.add_argument("--notes-file", type=Path, help="text under the table")
+    parser.add_argument("--distill-steps", type=int, help="distillation steps (default: CompressConfig)")
+    parser.add_argument("--title", default=TITLE, help="the RESULTS.md section to write")
     args = parser.parse_args()
     if args.mode == "run":
-        run(args.task, args.ratio, args.budget_bytes, args.tag, args.log)
+        run(args.task, args.ratio, args.budget_bytes, args.tag, args.log, args.distill_steps)
     else:
-        write(args.log, args.notes_file.read_text() if args.notes_file else "")
+        write(args.log, args.notes_file.read_text() if args.notes_file else "", args.title)
 
 
 if __name__ == "__main__":

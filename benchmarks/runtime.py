@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import command_line, markdown_table, write_section  # noqa: E402
 
-from deltazip.format import fingerprint_model, save_delta  # noqa: E402
+from deltazip.format import decode, fingerprint_model, save_delta  # noqa: E402
 from deltazip.runtime.delta_linear import (  # noqa: E402
     clear_model_delta,
     enable_deltas,
@@ -48,6 +48,23 @@ SHAPES = {  # the family presets' shapes (deltazip/family/train.py), vocab of th
                   num_key_value_heads=2),
 }
 NUM_SEQS = 16
+SWAP_APPROACHES = (  # issue 10 part 2; figures of load_delta alone, before/after alternated, load average 6-7
+    "Approaches tried (load_delta of this 5.2 MB artifact, wall / CPU ms, and the host → slot install, "
+    "measured alternately on the shared machine at load average 6-7): before (numpy word transforms, "
+    "fresh 4 KiB pages for every buffer, the slot zeroed then copied tensor by tensor) 57-62 / 28-30, "
+    "install 6.1-6.5; A: native nibble pass straight into the slot layout (kernels/native/swapin.cpp), "
+    "every output carved from one huge-page block, one decode job per tensor, install = one "
+    "torch._foreach_copy_ with no zeroing: 42-45 / 20-21, install 1.6-1.7; B (kept): A with one job per "
+    "decoder thread taking tensors in file order, the tensor-table hash and the output carving done "
+    "before the threads start (beside busy decoders the table hash alone waited 9 ms on the GIL) and "
+    "small zstd streams in one call: 28-33 / 20-21, install 1.4-1.8. The numpy fallback row shows the "
+    "native pass's share. What is left is mostly the zstd Huffman decode of the 6 MB nibble stream (about"
+    " 8 ms CPU here, the system libzstd no faster), blake3 (1.4 ms) and, cold, the 6-7 ms disk read of "
+    "5.2 MB: 8x the full cold load (about 9 ms) needs two free cores. C (dropped): every zstd frame in "
+    "one multi_decompress_to_buffer call (python-zstandard's C threads) once the whole payload is read, "
+    "then the native pass: 51-92 / 17-17.5 (2.5 ms less CPU, but its stages run one after another: no "
+    "overlap with the read or the hash). Not tried: one native call per tensor (zstd through libzstd and "
+    "the nibble pass in C++, no Python per stream).")
 
 
 def synthetic_family(root: Path, preset: str, num_deltas: int) -> tuple[Path, Path, Path]:
@@ -176,19 +193,25 @@ def bench_swap_in(base: Path, finetune: Path, store: Path, repeats: int) -> tupl
 
     pool = make_pool(model, store, fingerprint, 1)
 
-    def load_delta_slot() -> tuple[float, float]:
+    def load_delta_slot(native: bool = True) -> tuple[float, float]:
         pool.release(name)
         pool.evict(name)  # neither in the slot nor on the host
         disk_before = pool.stats()["disk_load_s"]
-        start = time.perf_counter()
-        pool.acquire(name)  # checksum + lossless decode + validation + slot copy
-        return time.perf_counter() - start, pool.stats()["disk_load_s"] - disk_before
+        passes = dict(decode.NATIVE)
+        if not native:  # the numpy fallback of the swap-in decode (what runs where native code cannot build)
+            decode.NATIVE.clear()
+        try:
+            start = time.perf_counter()
+            pool.acquire(name)  # checksum + lossless decode + validation + slot copy
+            return time.perf_counter() - start, pool.stats()["disk_load_s"] - disk_before
+        finally:
+            decode.NATIVE.update(passes)
 
     load_full()
     pool.acquire(name)  # warm-up: the loader thread starts, first-call costs are paid on both sides
     times: dict[str, list[float]] = {key: [] for key in
                                      ("full cold", "delta cold", "disk cold", "full warm", "delta warm",
-                                      "disk warm", "host hit")}
+                                      "disk warm", "disk warm numpy", "host hit")}
     for _ in range(repeats):  # interleaved, so both sides see the same machine state
         for state in states:
             if state == "cold":
@@ -199,6 +222,7 @@ def bench_swap_in(base: Path, finetune: Path, store: Path, repeats: int) -> tupl
             total, disk = load_delta_slot()
             times[f"delta {state}"].append(total)
             times[f"disk {state}"].append(disk)
+        times["disk warm numpy"].append(load_delta_slot(native=False)[1])
         pool.release(name)
         pool.evict(name)
         pool.prefetch(name).result()  # on the host only
@@ -217,6 +241,8 @@ def bench_swap_in(base: Path, finetune: Path, store: Path, repeats: int) -> tupl
                   med[f"delta {state}"], full / med[f"delta {state}"]],
                  [f"  of which disk → host (read + checksum + decode), {state}", delta_bytes,
                   med[f"disk {state}"], full / med[f"disk {state}"]]]
+    rows.append(["  disk → host with the numpy fallback decode (no native pass), warm", delta_bytes,
+                 med["disk warm numpy"], med["full warm"] / med["disk warm numpy"]])
     rows.append(["compressed delta, host-tier hit (host → slot), vs full warm", delta_bytes, med["host hit"],
                  med["full warm"] / med["host hit"]])
     if cold_ok:
@@ -310,7 +336,8 @@ def main() -> None:
                                   "speed-up vs full (same cache state)"], swap_rows)
         write_section(f"Runtime: cold swap-in vs full fine-tune load ({tag})", command, swap_md,
                       f"{notes} {swap_note} Load average {os.getloadavg()[0]:.1f} at the end (2 cores "
-                      "shared). Target: cold swap-in ≥ 8x faster than the full load, host-tier hit ≥ 20x.")
+                      "shared). Target: cold swap-in ≥ 8x faster than the full load, host-tier hit ≥ 20x. "
+                      f"{SWAP_APPROACHES}")
         print(swap_md, end="\n\n")
         if args.only == "swap":
             return

@@ -52,6 +52,7 @@ class CompressConfig:
     lossless: str = "zstd"
     tune_steps: int = 100  # Adam steps fitting each block's scales to the fine-tune's output (0: off)
     tune_seconds: float = 0.0  # time budget of one block's (or the head's) tuning; 0: none
+    distill_steps: int = 300  # budgeted runs: end-to-end Adam steps (compress/distill.py); 0: off
     target_ratio: float = 0.0  # > 0: allocate bits/sparsity per tensor so fp16 bytes / artifact bytes ≥ this
     budget_bytes: int = 0  # > 0: an explicit whole-artifact byte budget instead (wins over target_ratio)
     any_precision: bool = False  # store nested bitplanes: loadable at every precision 2..bits

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -220,12 +221,29 @@ class ModelWeights:
             raise DeltazipError(f"{self.dir / file}: tensor {name} has unsupported dtype {code}")
         return SAFETENSORS_DTYPES[code]
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, copied out of the file (no mapping is kept open, so resident memory stays small)."""
-        from safetensors import safe_open
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """One tensor (or a slice of its leading rows), read from the file straight into its own memory
+        (no mapping, no second copy: resident memory is the tensor's bytes)."""
+        file, _, shape, begin, end = self.entries[name]
+        dtype = self.dtype(name)
+        shape = list(shape)
+        if rows is not None and shape:
+            start, stop, _ = rows.indices(shape[0])
+            row_bytes = (end - begin) // max(shape[0], 1)
+            begin, end, shape[0] = begin + start * row_bytes, begin + max(stop, start) * row_bytes, max(
+                stop - start, 0)
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.dir / file, "rb") as f:
+            f.seek(begin)
+            if f.readinto(memoryview(out.numpy())) != end - begin:
+                raise DeltazipError(f"{self.dir / file}: truncated data for tensor {name}")
+        if sys.byteorder != "little":  # safetensors is little-endian: let the library swap the bytes
+            from safetensors import safe_open
 
-        with safe_open(str(self.dir / self.entries[name][0]), framework="pt") as f:
-            return f.get_tensor(name).clone()
+            with safe_open(str(self.dir / file), framework="pt") as f:
+                whole = f.get_tensor(name)
+            return (whole if rows is None else whole[rows]).clone()
+        return out.view(dtype).reshape(shape)
 
     def load(self, device: str = "cpu") -> dict[str, torch.Tensor]:
         """Every tensor, read one file at a time straight onto `device`."""

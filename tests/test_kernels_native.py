@@ -99,6 +99,20 @@ def test_several_rows_per_segment(rows, monkeypatch):
         assert torch.equal(got, expect), strategy
 
 
+@pytest.mark.parametrize("sparse24", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_rowvec_row_blocks_and_k_chunks(bits, sparse24, monkeypatch):
+    # rowvec: blocks of 8 / 16 / 32 rows (12, 16, 40 rows on a slot), K walked in several L1 chunks
+    # (K = 1024), a scale group wider than a chunk (group 512), row scales (group = K); auto: rowvec, 9+ rows
+    for k, group in ((1024, 64), (1024, 512), (1024, 1024)):
+        slots = filled(3, 20, k, bits, group, sparse24, seed=k + group)
+        layout = [0] * 12 + [1] * 16 + [2] * 40 + [-1, 1]
+        for strategy in ("rowvec", "auto"):
+            out, got, expect, row_slot = run_both(slots, layout, monkeypatch=monkeypatch, strategy=strategy)
+            assert torch.equal(got, expect), (k, group, strategy)
+            assert torch.equal(got[row_slot < 0], out[row_slot < 0])
+
+
 def test_half_precision_and_strided_out(monkeypatch):
     slots = filled(3, 40, 64, 4, 32, True)
     for dtype in (torch.float16, torch.bfloat16):

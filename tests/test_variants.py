@@ -183,8 +183,13 @@ def test_live_add_replace_remove(live_server, tiny_deltas, tmp_path):
     with ThreadPoolExecutor(max_workers=12) as pool:
         busy = [pool.submit(_complete, url, "shout", "reverse abcdefgh=", 100, temperature=2.0, seed=i)
                 for i in range(12)]
-        deadline = time.monotonic() + 30
-        while not _inflight(live_server, "shout") and time.monotonic() < deadline:
+        # all twelve must have reached the server before the unload starts (one that arrives after it is,
+        # rightly, refused as an unknown variant): wait for the in-flight count to settle above zero
+        deadline, seen, settled_at = time.monotonic() + 30, 0, time.monotonic()
+        while time.monotonic() < deadline and (seen == 0 or time.monotonic() - settled_at < 0.3):
+            now = _inflight(live_server, "shout")
+            if now > seen:
+                seen, settled_at = now, time.monotonic()
             time.sleep(0.01)
         refused = httpx.post(f"{url}/v1/variants/unload", json={"name": "shout", "timeout_s": 0}, timeout=60)
         if refused.status_code == 409:  # the usual case: requests were still running
@@ -193,7 +198,8 @@ def test_live_add_replace_remove(live_server, tiny_deltas, tmp_path):
             assert removed.status_code == 200, removed.text
         else:  # all twelve had finished between the poll and the call: removed at once
             assert refused.status_code == 200, refused.text
-        assert all(f.result().status_code == 200 for f in busy)  # in-flight requests finished normally
+        failed = [f.result().text for f in busy if f.result().status_code != 200]
+        assert not failed, failed  # in-flight requests finished normally
     assert _complete(url, "shout", prompt).status_code == 404
     assert not (live_server.store / "shout.dz").exists()
     assert not list((live_server.store / ".versions").glob("shout@*"))

@@ -29,6 +29,7 @@ CANDIDATES: tuple[tuple[int, str], ...] = (
 )
 PROBE = (2, "0.9")  # the layout whose end-to-end effect calibrates each tensor's sensitivity
 SENSITIVITY_SEQUENCES = 64  # calibration windows the sensitivity KL is measured on
+SENSITIVITY_WEIGHTING = "moved"  # token weights of the sensitivity KL (token_weights)
 SENSITIVITY_MAX_PARAMS = 1_500_000_000  # above this the fine-tune is not loaded whole: relative error only
 # bytes the manifest and payload header may grow by beyond the estimate (stream lists and digits differ)
 HEADER_MARGIN = 512
@@ -138,8 +139,8 @@ class Sensitivity:
         self.params = dict(self.model.named_parameters())
         self.reference = self._logp()
         if base_dir is not None:
-            moved = (self.reference.exp() * (self.reference - base_logp)).sum(-1)  # KL(ft ‖ base) per token
-            self.weights = moved / moved.sum().clamp_min(1e-30)
+            weights = token_weights(self.reference, base_logp, self.tokens, SENSITIVITY_WEIGHTING)
+            self.weights = weights / weights.sum().clamp_min(1e-30)
 
     @torch.no_grad()
     def _logp(self) -> torch.Tensor:
@@ -160,6 +161,43 @@ class Sensitivity:
             per_token = (self.reference.exp() * (self.reference - logp)).sum(-1)
             return float((per_token * self.weights).sum())
         return float(torch.nn.functional.kl_div(logp, self.reference, log_target=True, reduction="batchmean"))
+
+
+def token_weights(logp: torch.Tensor, base_logp: torch.Tensor, tokens: torch.Tensor,
+                  mode: str) -> torch.Tensor:
+    """Per-token weights [n, seq] from the fine-tune's and the base's log-probabilities [n, seq, vocab] on
+    windows `tokens`: "gain", how much better the fine-tune predicts the window's actual next token than the
+    base (clamped at 0; the last position, with no next token, 0): what the fine-tune learned, not the
+    tokens it forgot or its prior over what comes next; "moved", KL(fine-tune ‖ base); "none", all 1."""
+    if mode == "none":
+        return torch.ones(logp.shape[:2])
+    if mode == "moved":
+        return (logp.exp() * (logp - base_logp)).sum(-1)
+    nxt = tokens[:, 1:, None].to(logp.device)
+    weights = torch.zeros(logp.shape[:2], device=logp.device)
+    weights[:, :-1] = (logp[:, :-1].gather(-1, nxt) - base_logp[:, :-1].gather(-1, nxt))[..., 0].clamp_min(0)
+    return weights
+
+
+def calibration_weights(target_dir, base_dir, tokens: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """token_weights "gain" (mean 1) of every calibration window [n, seq], from the whole fine-tune and base
+    (small models only; one at a time, keeping only the log-probability of each window's actual next token):
+    the budgeted run's OBS and head Hessians weight each token by them."""
+    from deltazip.hf import load_model
+
+    tokens = tokens.cpu()
+    nxt = tokens[:, 1:, None]
+    taken = []
+    for model_dir in (target_dir, base_dir):
+        model, _ = load_model(model_dir)
+        with torch.no_grad():
+            taken.append(torch.cat([
+                torch.log_softmax(model(input_ids=tokens[i:i + chunk]).logits[:, :-1].float(), -1)
+                .gather(-1, nxt[i:i + chunk])[..., 0] for i in range(0, tokens.shape[0], chunk)]))
+        del model
+    weights = torch.zeros(tokens.shape, dtype=torch.float32)
+    weights[:, :-1] = (taken[0] - taken[1]).clamp_min(0)  # as token_weights(..., "gain")
+    return weights / weights.mean().clamp_min(1e-30)
 
 
 def budget_for(fp16_bytes: int, target_ratio: float, budget_bytes: int) -> int:

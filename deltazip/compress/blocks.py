@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deltazip.compress.stream import ROWS, StreamedLinear, is_large
 from deltazip.errors import DeltazipError
 from deltazip.hf import ModelWeights, read_config
 
@@ -41,10 +42,25 @@ class BlockRunner:
         self.num_layers = self.model_config.num_layers
 
     def layer(self, index: int, weights: ModelWeights) -> nn.Module:
-        """Decoder layer `index` (float32, eval mode) holding `weights`' tensors."""
-        layer = self.layer_cls(self.config, index).float().eval()
+        """Decoder layer `index` (float32, eval mode) computing with `weights`' tensors.
+
+        Its linears are `StreamedLinear`s: each reads its weight from `weights` (and makes it fp32) when
+        it runs, so the block never sits in memory in fp32; norms and biases are loaded.
+        """
+        with torch.device("meta"):
+            layer = self.layer_cls(self.config, index).float().eval()
         prefix = f"model.layers.{index}."
-        state = {k[len(prefix):]: weights.get(k).float() for k in weights.names() if k.startswith(prefix)}
+        for name in linear_names(layer):
+            parent, _, child = name.rpartition(".")
+            owner = layer.get_submodule(parent) if parent else layer
+            param = f"{prefix}{name}.weight"
+            setattr(owner, child, StreamedLinear(owner.get_submodule(child),
+                                                 lambda param=param: weights.get(param).float()))
+        if any(True for _ in layer.buffers()):
+            raise DeltazipError(f"{self.layer_cls.__name__} has buffers: not supported")
+        layer.to_empty(device="cpu")
+        state = {k[len(prefix):]: weights.get(k).float() for k in weights.names()
+                 if k.startswith(prefix) and k[len(prefix):] in layer.state_dict()}
         layer.load_state_dict(state, strict=True)
         return layer
 
@@ -101,16 +117,30 @@ def sequential_groups(runner: BlockRunner, layer: nn.Module, hidden: torch.Tenso
 
 
 @torch.no_grad()
-def input_hessians(runner: BlockRunner, layer: nn.Module, hidden: torch.Tensor,
-                   names: list[str]) -> dict[str, torch.Tensor]:
-    """H = 2/n · Σ x xᵀ (fp32, [K, K]) over all n calibration tokens entering each named linear."""
+def input_hessians(runner: BlockRunner, layer: nn.Module, hidden: torch.Tensor, names: list[str],
+                   weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """H = 2/n · Σ x xᵀ (fp32, [K, K]) over all n calibration tokens entering each named linear; with
+    `weights` [windows, seq] (one per token of `hidden`), H = 2/Σw · Σ w x xᵀ."""
     sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, float] = {}
+    offsets = dict.fromkeys(names, 0)  # runner.run feeds the windows in order, in chunks
 
     def hook(module, inp, out, name):
-        x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-        sums[name] = sums.get(name, 0) + x.T @ x
-        counts[name] = counts.get(name, 0) + x.shape[0]
+        x = inp[0].float()
+        if weights is not None:
+            w = weights[offsets[name]:offsets[name] + x.shape[0]].to(x.device)
+            offsets[name] += x.shape[0]
+            x = x * w.sqrt().unsqueeze(-1)
+        count = float(w.sum()) if weights is not None else x.numel() // x.shape[-1]
+        x = x.reshape(-1, x.shape[-1])
+        if name not in sums:
+            sums[name] = x.T @ x
+        elif not is_large((x.shape[1], x.shape[1])):
+            sums[name] += x.T @ x
+        else:  # K × K is large (down_proj: 0.45 GiB at K = 11008): add its product by row chunks
+            for r in range(0, x.shape[1], ROWS):
+                sums[name][r:r + ROWS] += x[:, r:r + ROWS].T @ x
+        counts[name] = counts.get(name, 0) + count
 
     handles = [layer.get_submodule(n).register_forward_hook(
         lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
@@ -119,10 +149,14 @@ def input_hessians(runner: BlockRunner, layer: nn.Module, hidden: torch.Tensor,
     finally:
         for h in handles:
             h.remove()
-    return {n: 2.0 / counts[n] * sums[n] for n in names}
+    return {n: sums.pop(n).mul_(2.0 / counts[n]) for n in names}
 
 
-def hessian_of(x: torch.Tensor) -> torch.Tensor:
-    """H = 2/n · Σ x xᵀ for inputs x [..., K]."""
+def hessian_of(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """H = 2/n · Σ x xᵀ for inputs x [..., K] (2/Σw · Σ w x xᵀ with per-token `weights` [...])."""
+    if weights is not None:
+        w = weights.to(x.device).float()
+        flat = (x.float() * w.sqrt().unsqueeze(-1)).reshape(-1, x.shape[-1])
+        return 2.0 / float(w.sum()) * flat.T @ flat
     flat = x.reshape(-1, x.shape[-1]).float()
     return 2.0 / flat.shape[0] * flat.T @ flat

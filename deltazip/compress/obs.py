@@ -22,6 +22,7 @@ import contextlib
 import torch
 
 from deltazip.compress.quantize import fit_scale, likely_kept, zero_code
+from deltazip.compress.stream import cat_rows
 from deltazip.packed import PackedLinear
 from deltazip.threads import fixed_threads
 
@@ -91,6 +92,99 @@ def _sketched_factors(hessian: torch.Tensor, order: torch.Tensor | None,
     return u, factor
 
 
+class NotDefinite(ValueError):
+    """The in-place factorisation met an indefinite Hessian and has overwritten it: recompute H and solve
+    again without `consume` (the out-of-place path grows the damping)."""
+
+
+def _sketched_factors_(hessian: torch.Tensor, order: torch.Tensor | None,
+                       damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_sketched_factors` computed in the Hessian's own buffer (consumed; it becomes U): the same values
+    (data movement and the same LAPACK/GEMM calls) with one K × K matrix and row-chunk temporaries."""
+    n = hessian.shape[0]
+    order = torch.arange(n, device=hessian.device) if order is None else order
+    diag = torch.diag(hessian).float()[order]
+    dead = diag == 0
+    diag[dead] = 1.0
+    shift = damp * torch.mean(diag)
+    h = hessian
+    _permute_(h, order.flip(0))  # P H_order P
+    eye = torch.arange(n, device=h.device)
+    h[eye[dead.flip(0)], eye[dead.flip(0)]] = 1.0
+    h[eye, eye] += shift
+    _transpose_(h)  # LAPACK works column-major: h.mT is then the matrix, contiguous for it
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h.mT, out=(h.mT, info))
+    if info != 0:
+        raise NotDefinite("the input Hessian is not positive definite after damping")
+    _transpose_(h)  # L, row-major
+    gen = torch.Generator(device=h.device).manual_seed(0)
+    sketch = torch.randn(n, SKETCH, generator=gen, device=h.device) / SKETCH**0.5
+    factor = (h @ sketch).flip(0)
+    _lower_inverse_(h)
+    _flip_(h)
+    return h, factor
+
+
+def _permute_(h: torch.Tensor, perm: torch.Tensor, rows: int = 512) -> None:
+    """h ← h[perm][:, perm] in place: rows along the permutation's cycles, columns by row chunks."""
+    p = perm.tolist()
+    seen = bytearray(len(p))
+    for start in range(len(p)):
+        if seen[start]:
+            continue
+        seen[start] = 1
+        if p[start] == start:
+            continue
+        held, i = h[start].clone(), start
+        while p[i] != start:
+            h[i] = h[p[i]]
+            i = p[i]
+            seen[i] = 1
+        h[i] = held
+    for r in range(0, h.shape[0], rows):
+        h[r:r + rows] = h[r:r + rows].index_select(1, perm)
+
+
+def _transpose_(h: torch.Tensor, tile: int = 512) -> None:
+    """Square h ← hᵀ in place, tile pair by tile pair."""
+    n = h.shape[0]
+    for a in range(0, n, tile):
+        h[a:a + tile, a:a + tile] = h[a:a + tile, a:a + tile].T.clone()
+        for b in range(a + tile, n, tile):
+            upper = h[a:a + tile, b:b + tile].clone()
+            h[a:a + tile, b:b + tile] = h[b:b + tile, a:a + tile].T
+            h[b:b + tile, a:a + tile] = upper.T
+
+
+def _flip_(h: torch.Tensor, chunk: int = 1 << 22) -> None:
+    """h ← h.flip(0, 1) in place (for a contiguous matrix: its storage reversed)."""
+    flat = h.view(-1)
+    total = flat.numel()
+    for a in range(0, total // 2, chunk):
+        b = min(a + chunk, total // 2)
+        left = flat[a:b].clone()
+        flat[a:b] = flat[total - b:total - a].flip(0)
+        flat[total - b:total - a] = left.flip(0)
+
+
+def _lower_inverse_(lower: torch.Tensor, leaf: int = 256, rows: int = 1024) -> None:
+    """`_lower_inverse` in place: the same blocks and products, the off-diagonal block by row (then
+    column) chunks, so the temporaries are chunk-sized."""
+    n = lower.shape[0]
+    if n <= leaf:
+        lower.copy_(_lower_inverse(lower, leaf))
+        return
+    m = n // 2
+    _lower_inverse_(lower[:m, :m], leaf, rows)
+    _lower_inverse_(lower[m:, m:], leaf, rows)
+    a_inv, c_inv, off = lower[:m, :m], lower[m:, m:], lower[m:, :m]
+    for r in range(0, n - m, rows):
+        off[r:r + rows] = _mm_lower(off[r:r + rows], a_inv, leaf)
+    for c in range(0, m, rows):
+        off[:, c:c + rows] = -_lower_mm(c_inv, off[:, c:c + rows], leaf)
+
+
 def _damped(hessian: torch.Tensor, damp: float, owned: bool = False) -> torch.Tensor:
     h = hessian.float() if owned else hessian.float().clone()
     dead = torch.diag(h) == 0
@@ -149,8 +243,12 @@ def check_layout(n_cols: int, group_size: int, sparse24: bool, block_size: int) 
     return group, max(4, block_size - block_size % 4)
 
 def solve_delta(delta: torch.Tensor, hessian: torch.Tensor | None, bits: int, sparsity: str,
-                group_size: int, damp: float, block_size: int) -> PackedLinear:
-    """Compress delta [N, K] given H [K, K] of its inputs (None: identity, i.e. round-to-nearest)."""
+                group_size: int, damp: float, block_size: int, consume: bool = False) -> PackedLinear:
+    """Compress delta [N, K] given H [K, K] of its inputs (None: identity, i.e. round-to-nearest).
+
+    `consume`: `delta` (fp32) and `hessian` may be overwritten (same result, less memory: the sketched
+    path then factorises H in its own buffer; NotDefinite when that fails: solve again without it).
+    """
     n_rows, n_cols = delta.shape
     sparse24 = sparsity == "2:4"
     prune_fraction = 0.0 if sparsity in ("2:4", "none") else float(sparsity)
@@ -161,16 +259,23 @@ def solve_delta(delta: torch.Tensor, hessian: torch.Tensor | None, bits: int, sp
         return _pack(steps, pruned, scales, bits, group, sparse24)
 
     dead = torch.diag(hessian) == 0
+    owned = consume or w.data_ptr() != delta.data_ptr()  # w may be written
     if bool(dead.any()):
-        w = w.clone()
+        w = w if owned else w.clone()
         w[:, dead] = 0
     per_row = group == n_cols
     order = _act_order(hessian) if per_row and n_cols % 4 == 0 else None
     sketched = per_row and n_cols > 2 * SKETCH
     h = factor = None
-    if order is not None:
+    if order is not None and owned:
+        for r in range(0, n_rows, 1024):  # permute the columns in place, a row chunk at a time
+            w[r:r + 1024] = w[r:r + 1024].index_select(1, order)
+    elif order is not None:
         w = w.index_select(1, order)
-    if sketched:  # H itself is not needed after the factorisation: only U and the sketch factor
+    if sketched and consume and hessian.dtype == torch.float32 and hessian.is_contiguous():
+        u, factor = _sketched_factors_(hessian, order, damp)
+        del hessian
+    elif sketched:  # H itself is not needed after the factorisation: only U and the sketch factor
         u, factor = _sketched_factors(hessian, order, damp)
     else:
         h = hessian.float()
@@ -178,8 +283,12 @@ def solve_delta(delta: torch.Tensor, hessian: torch.Tensor | None, bits: int, sp
             h = h.index_select(0, order).index_select(1, order)
         u, _ = _factors(h, damp)
     scales = _initial_row_scales(w, bits, sparse24, prune_fraction) if per_row else None
-    steps, pruned, scales = _sweep(w, u, bits, sparse24, prune_fraction, group, block_size, scales)
-    scales = refit_scales(w, steps, scales, h, group, factor=factor)
+    sketch = None
+    if owned and factor is not None:  # the refit needs only w's sketch: w is freed once the sweep copied it
+        sketch = torch.cat([w[r:r + 4096] @ factor for r in range(0, n_rows, 4096)])
+    steps, pruned, scales = _sweep(w, u, bits, sparse24, prune_fraction, group, block_size, scales,
+                                   release=sketch is not None)
+    scales = refit_scales(w, steps, scales, h, group, factor=factor, delta_factor=sketch)
     if h is not None and n_rows * n_cols <= SECOND_SWEEP_MAX:
         # a small layer: sweep again against the refit scales and keep, per row, the better (exact error)
         steps2, pruned2, scales2 = _sweep(w, u, bits, sparse24, prune_fraction, group, block_size, scales)
@@ -264,7 +373,8 @@ def _rtn_pass(w: torch.Tensor, scales: torch.Tensor, bits: int, sparse24: bool, 
 
 
 def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fraction: float, group: int,
-           block_size: int, fixed_scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+           block_size: int, fixed_scales: torch.Tensor | None,
+           release: bool = False) -> tuple[torch.Tensor, ...]:
     """One OBS pass over the columns of w (not modified): steps (code − zero, int8) [N, K], pruned mask
     [N, K], scales [N, G].
 
@@ -275,6 +385,8 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fr
     device = w.device
     z, top = zero_code(bits), (1 << bits) - 1 - zero_code(bits)
     wt = w.T.contiguous()  # [K, N]: column k of w is row k of wt
+    if release:  # the caller gave w up (solve_delta's `consume`): free its memory now
+        w.set_()
     steps = torch.zeros(n_cols, n_rows, dtype=torch.int8 if bits <= 8 else torch.int32, device=device)
     pruned = torch.zeros(n_cols, n_rows, dtype=torch.bool, device=device)
     block_steps = torch.zeros(block_size, n_rows, device=device)
@@ -337,19 +449,20 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, bits: int, sparse24: bool, prune_fr
 
 
 def refit_scales(delta: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor, h: torch.Tensor | None,
-                 group: int, lower: torch.Tensor | None = None,
-                 factor: torch.Tensor | None = None) -> torch.Tensor:
+                 group: int, lower: torch.Tensor | None = None, factor: torch.Tensor | None = None,
+                 delta_factor: torch.Tensor | None = None) -> torch.Tensor:
     """Refit scales [N, G] to the chosen codes: s_g = (u_gᵀ H_gg Δ_g) / (u_gᵀ H_gg u_g), u = code − zero.
 
     Least squares for ‖(Ŵ − Δ) X‖² when G = 1 — with `lower` (L of P H P = L Lᵀ, H damped, so F = P L has
     F Fᵀ = H) H is sketched as (F·S)(F·S)ᵀ, S a seeded Gaussian [K, SKETCH]; per group (block-diagonal H)
     otherwise. A row keeps its new scales only where the (estimated) output error drops. `factor`: that
-    sketch (P L)·S already computed (`_sketched_factors`), in place of `lower`.
+    sketch (P L)·S already computed (`_sketched_factors`), in place of `lower`; `delta_factor`: Δ·(that
+    factor), computed in the same 4096-row chunks (then `delta` is not read).
     """
     n_rows, n_cols = steps.shape
     if group == n_cols:
-        a = torch.zeros(n_rows, 1, device=delta.device)
-        b = torch.zeros(n_rows, 1, device=delta.device)
+        a = torch.zeros(n_rows, 1, device=steps.device)
+        b = torch.zeros(n_rows, 1, device=steps.device)
         if lower is not None:
             gen = torch.Generator(device=lower.device).manual_seed(0)
             sketch = torch.randn(n_cols, SKETCH, generator=gen, device=lower.device) / SKETCH**0.5
@@ -359,7 +472,8 @@ def refit_scales(delta: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor,
             rows = slice(r, r + 4096)
             st = steps[rows].float()
             if sketched:
-                sx, dx = st @ factor, delta[rows] @ factor
+                sx = st @ factor
+                dx = delta[rows] @ factor if delta_factor is None else delta_factor[rows]
                 a[rows], b[rows] = (sx * sx).sum(1, keepdim=True), (sx * dx).sum(1, keepdim=True)
             else:
                 sh = st @ h
@@ -399,8 +513,17 @@ def output_error(delta: torch.Tensor, steps: torch.Tensor, scales: torch.Tensor,
 
 
 def _pack(steps: torch.Tensor, pruned: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
-          sparse24: bool) -> PackedLinear:
-    """Steps (code − zero) [N, K] + pruned mask → PackedLinear (2:4: kept codes and canonical positions)."""
+          sparse24: bool, rows: int = 1024) -> PackedLinear:
+    """Steps (code − zero) [N, K] + pruned mask → PackedLinear (2:4: kept codes and canonical positions),
+    row chunk by row chunk (the 2:4 canonicalisation's int64 temporaries are 16× the int8 steps)."""
+    if steps.shape[0] > rows:
+        return cat_rows([_pack_rows(steps[r:r + rows], pruned[r:r + rows], scales[r:r + rows], bits, group,
+                                    sparse24) for r in range(0, steps.shape[0], rows)])
+    return _pack_rows(steps, pruned, scales, bits, group, sparse24)
+
+
+def _pack_rows(steps: torch.Tensor, pruned: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
+               sparse24: bool) -> PackedLinear:
     n_rows, n_cols = steps.shape
     codes = (steps + zero_code(bits)).to(torch.uint8 if bits <= 8 else torch.int32).cpu()
     scales = scales.cpu()

@@ -30,9 +30,20 @@ from deltazip.compress.blocks import (
 from deltazip.compress.calibration import calibration_tokens
 from deltazip.compress.defaults import scale_defaults
 from deltazip.compress.device import resolve_device
-from deltazip.compress.obs import solve_delta
+from deltazip.compress.distill import distill
+from deltazip.compress.obs import NotDefinite, solve_delta
 from deltazip.compress.resume import Checkpoints
-from deltazip.compress.tune import ScaleSet, tune_scales
+from deltazip.compress.stream import (
+    bound_heap,
+    cat_rows,
+    compressed_weight,
+    delta_norms,
+    float_delta,
+    is_large,
+    packed_rows,
+    trim,
+)
+from deltazip.compress.tune import ScaleSet, streamed_delta, tune_head_streamed, tune_scales
 from deltazip.config import CompressConfig
 from deltazip.errors import DeltazipError
 from deltazip.format import fingerprint_model, merge_tensor, save_delta
@@ -115,7 +126,9 @@ class _Solver:
         self.settings, self.plan, self.profile = settings, plan or {}, profile
         self.sensitivity = sensitivity
 
-    def __call__(self, name: str, delta: torch.Tensor, hessian: torch.Tensor | None) -> PackedLinear:
+    def __call__(self, name: str, delta: torch.Tensor, hessian: torch.Tensor | None,
+                 consume: bool = False) -> PackedLinear:
+        """`consume`: delta and hessian may be overwritten (obs.NotDefinite: recompute H, call again)."""
         s = self.settings
         try:
             if s.any_precision:
@@ -124,7 +137,10 @@ class _Solver:
             if self.profile is not None:
                 self._profile(name, delta, hessian)
             bits, sparsity = self.plan.get(name, (s.bits, s.sparsity))
-            return solve_delta(delta, hessian, bits, sparsity, s.group_size, s.damp, s.block_size)
+            return solve_delta(delta, hessian, bits, sparsity, s.group_size, s.damp, s.block_size,
+                               consume=consume and self.profile is None)
+        except NotDefinite:
+            raise
         except ValueError as e:
             raise DeltazipError(f"cannot compress {name}: {e}") from None
 
@@ -171,11 +187,12 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
 
     warned = []
 
-    def take_delta(param: str) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t = base.get(param), target.get(param)
+    def take_delta(param: str, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t = base.get(param, rows), target.get(param, rows)
         if b.dim() >= 2:
-            norms[0] += (t.double() - b.double()).pow(2).sum().item()
-            norms[1] += b.double().pow(2).sum().item()
+            diff, norm = delta_norms(b, t)
+            norms[0] += diff
+            norms[1] += norm
         return b, t
 
     def warn_if_unrelated() -> None:  # once, as early as the first block (a 7B run takes hours)
@@ -212,6 +229,11 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
             estimate["name"] = name
             budget_stats = _compress_budgeted(base, target, tokens, settings, linears, exact, take_delta,
                                               warn_if_unrelated, estimate)
+            if settings.distill_steps > 0:  # scales, codes, norm deltas fitted on the whole model
+                done = distill(base_dir, target_dir, tokens, linears, exact, settings.distill_steps,
+                               settings.lossless, stats=budget_stats)
+                linears.update(done[0])
+                exact.update(done[1])
         else:
             _compress_sequential(base, target, tokens, settings, linears, exact, take_delta,
                                  warn_if_unrelated, checkpoints=checkpoints)
@@ -261,18 +283,20 @@ def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.T
     scratch_linears: dict = {}
     scratch_exact: dict = {}
 
-    def plain_delta(param: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return base.get(param), target.get(param)
+    def plain_delta(param: str, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return base.get(param, rows), target.get(param, rows)
 
     quick = dataclasses.replace(settings, tune_steps=0)
-    sensitivity = None  # measuring loads the whole fine-tune: small models only (else relative error)
+    sensitivity = weights = None  # both load the whole fine-tune: small models only (else relative error)
     if fp16_bytes // 2 <= alloc.SENSITIVITY_MAX_PARAMS:
         sensitivity = alloc.Sensitivity(target.dir, tokens, base.dir)
+        weights = alloc.calibration_weights(target.dir, base.dir, tokens)  # OBS fits the learned tokens
     else:
         log.info("budget allocation: %d parameters, above %d: relative output error without the measured "
                  "sensitivity", fp16_bytes // 2, alloc.SENSITIVITY_MAX_PARAMS)
     _compress_sequential(base, target, tokens, quick, scratch_linears, scratch_exact, plain_delta,
-                         lambda: None, solver=_Solver(quick, profile=profile, sensitivity=sensitivity))
+                         lambda: None, solver=_Solver(quick, profile=profile, sensitivity=sensitivity),
+                         weights=weights)
     overhead = alloc.overhead_bytes(scratch_linears, scratch_exact, info)
     alloc.check_reachable(fp16_bytes, budget, overhead, profile, settings.target_ratio, settings.budget_bytes)
     linear_budget = budget - overhead
@@ -281,7 +305,7 @@ def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.T
         linears.clear()
         exact.clear()
         _compress_sequential(base, target, tokens, settings, linears, exact, take_delta, after_first_block,
-                             solver=_Solver(settings, plan=plan))
+                             solver=_Solver(settings, plan=plan), weights=weights)
         _, entries = encode_tensors(linears, {}, settings.lossless, compact=True)
         used = sum(s[2] for e in entries.values() for s in e["streams"])
         log.info("budget round %d: linears %d bytes planned, %d used, %d allowed", rounds,
@@ -297,7 +321,7 @@ def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.T
 def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch.Tensor,
                          settings: CompressConfig, linears: dict, exact: dict, take_delta,
                          after_first_block, solver: _Solver | None = None,
-                         checkpoints: Checkpoints | None = None) -> None:
+                         checkpoints: Checkpoints | None = None, weights: torch.Tensor | None = None) -> None:
     """Embedding → blocks → final norm → lm_head; each stage sees the already compressed earlier stages.
 
     Two hidden streams run side by side: `hidden` through the compressed model and `hidden_ft` through the
@@ -311,10 +335,31 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
         log.warning("compressing on %s: the CUDA path is unverified (CPU is the tested path)", device)
     runner = BlockRunner(target.dir)
     tokens = tokens.to(device)
-    b, t = take_delta(EMBED)
     # Memory: base weights stay in their stored dtype (fp16/bf16: half of fp32) and become fp32 per use (the
     # same values); the embedding's base is dropped once block 0 (the only block that re-embeds) is done.
-    embed_base = b.to(device)
+    # Large tensors (stream.LARGE_BYTES) are solved by row chunks read from disk (`rowwise`: layouts whose
+    # rows are independent) and not kept: a large embedding keeps only the calibration tokens' rows
+    # (`etok` indexes them, `take` cuts a delta to them).
+    rowwise = (solve.profile is None and not solve.plan and not settings.any_precision
+               and settings.sparsity in ("2:4", "none"))
+    if any(is_large(target.shape(n)) for n in target.names()):
+        bound_heap()
+    big_embed = rowwise and is_large(target.shape(EMBED))
+    if big_embed:
+        uniq, etok = torch.unique(tokens, return_inverse=True)
+
+        def take(packed: PackedLinear) -> PackedLinear:
+            return packed_rows(packed, uniq.cpu())
+        embed_base, embed_ft = _table_rows(base, EMBED, uniq.cpu()), _table_rows(target, EMBED, uniq.cpu())
+        b = t = None
+    else:
+        etok = tokens
+
+        def take(packed: PackedLinear) -> PackedLinear:
+            return packed
+        b, t = take_delta(EMBED)
+        embed_base, embed_ft = b, t
+    embed_base, embed_ft = embed_base.to(device), embed_ft.to(device)
     # Tuning's time budget is spent once, by block 0; its step count then holds for every later block and
     # the head (saved with block 0), so the artifact does not depend on the speed of the later blocks and
     # a resumed run reproduces an uninterrupted one.
@@ -323,11 +368,15 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
         linears["model.embed_tokens"] = checkpoints.load(0)[0]["model.embed_tokens"]
         if checkpoints.tune_steps is not None:
             tuning = dataclasses.replace(settings, tune_steps=checkpoints.tune_steps, tune_seconds=0.0)
+    elif big_embed:  # no Hessian: magnitude + RTN, row by row
+        linears["model.embed_tokens"] = _solve_rows(solve, EMBED, take_delta, target.shape(EMBED)[0], None,
+                                                    device)
     else:  # no Hessian: magnitude + RTN
         linears["model.embed_tokens"] = solve(EMBED, t.to(device).float() - embed_base.float(), None)
-    hidden = _embed(tokens, embed_base, linears["model.embed_tokens"])
-    hidden_ft = F.embedding(tokens, t.to(device)).float()  # rows first: no fp32 copy of the whole table
-    del b, t
+    hidden = _embed(etok, embed_base, take(linears["model.embed_tokens"]))
+    hidden_ft = F.embedding(etok, embed_ft).float()  # rows first: no fp32 copy of the whole table
+    del b, t, embed_ft
+    trim()
 
     started = time.perf_counter()
     for index in progress(range(runner.num_layers), desc="block", total=runner.num_layers):
@@ -335,8 +384,8 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
         layer = runner.layer(index, target).to(device)
         out_ft = runner.run(layer, hidden_ft)
         if checkpoints is not None and checkpoints.has(index):
-            hidden = _replay_block(runner, layer, index, base, checkpoints, linears, exact, tokens,
-                                   embed_base, hidden)
+            hidden = _replay_block(runner, layer, index, base, checkpoints, linears, exact, etok,
+                                   embed_base, hidden, take)
             hidden_ft = out_ft
             if index == 0:
                 after_first_block()
@@ -344,16 +393,25 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
             continue
         base_weights = {}
         for group in sequential_groups(runner, layer, hidden):
-            hessians = input_hessians(runner, layer, hidden, group)
+            hessians = input_hessians(runner, layer, hidden, group, weights)
             for lin in group:
                 param = f"{prefix}{lin}.weight"
                 b, t = take_delta(param)
-                base_weights[lin] = b.to(device)
-                packed = solve(param, t.to(device).float() - base_weights[lin].float(), hessians.pop(lin))
+                delta = float_delta(t.to(device), b.to(device))  # t − b, fp32
+                base_weights[lin] = _base_source(base, param, b, device)
                 del b, t
+                try:
+                    packed = solve(param, delta, hessians.pop(lin), consume=rowwise)
+                except NotDefinite:  # H was factorised in place and gave up: again, out of place
+                    delta = float_delta(target.get(param).to(device), base.get(param).to(device))
+                    packed = solve(param, delta, input_hessians(runner, layer, hidden, [lin], weights)[lin])
+                del delta
                 linears[f"{prefix}{lin}"] = packed
-                weight = layer.get_submodule(lin).weight
-                weight.copy_(base_weights[lin].float() + packed.dequantize().to(device))
+                _install(layer, lin, base_weights[lin], packed)
+                trim()
+        if index == 0 and big_embed and tuning.tune_steps > 0:  # tuned on its calibration rows only
+            full_embed = linears["model.embed_tokens"]
+            linears["model.embed_tokens"] = take(full_embed)
         if tuning.tune_steps > 0:
             taken: list[int] = []
             names = [f"{prefix}{lin}" for lin in base_weights]
@@ -361,12 +419,15 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
             views: dict[str, dict] = {n: {} for n in names}
             for bits in _precisions(linears[names[0]]):  # any-precision: each precision tuned on its own
                 view = {**linears, **{n: _view(linears[n], bits) for n in names}}
-                tuned_hidden = _tune_block(runner, layer, base_weights, view, prefix, tokens, embed_base,
+                tuned_hidden = _tune_block(runner, layer, base_weights, view, prefix, etok, embed_base,
                                            hidden, out_ft, tuning, tune_embedding=index == 0, taken=taken)
                 for n in names:  # the widest precision goes last: its weights stay installed in `layer`
                     views[n][bits] = view[n]
             for n in names:
                 linears[n] = _joined(linears[n], views[n])
+            if index == 0 and big_embed:
+                linears["model.embed_tokens"] = _with_rows(full_embed, uniq.cpu(),
+                                                           linears["model.embed_tokens"])
             hidden = tuned_hidden
             if tuning.tune_seconds > 0:
                 tuning = dataclasses.replace(settings, tune_steps=min(taken), tune_seconds=0.0)
@@ -384,6 +445,7 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
             checkpoints.save(index, done, {n: v for n, v in exact.items() if n.startswith(prefix)},
                              checkpoints.norms, tune_steps=tuning.tune_steps if index == 0 else None)
         del base_weights
+        trim()
         if index == 0:
             after_first_block()
             embed_base = None
@@ -397,14 +459,22 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
     if LM_HEAD in target:
         final_norm = runner.final_norm(target.get(FINAL_NORM)).to(device)
         normed, normed_ft = final_norm(hidden), final_norm(hidden_ft)
-        b, t = take_delta(LM_HEAD)
-        b, t = b.float().to(device), t.float().to(device)
-        linears["lm_head"] = solve(LM_HEAD, t - b, hessian_of(normed))
-        if tuning.tune_steps > 0:
-            head = linears["lm_head"]
-            tuned = {bits: _tune_head(_view(head, bits), b, t, normed, normed_ft, tuning.tune_steps,
-                                      tuning.tune_seconds) for bits in _precisions(head)}
-            linears["lm_head"] = _joined(head, tuned)
+        if rowwise and is_large(target.shape(LM_HEAD)):  # by row chunks, streamed from disk
+            linears["lm_head"] = _solve_rows(solve, LM_HEAD, take_delta, target.shape(LM_HEAD)[0],
+                                             hessian_of(normed, weights), device)
+            if tuning.tune_steps > 0:
+                linears["lm_head"] = tune_head_streamed(linears["lm_head"], base, target, normed, normed_ft,
+                                                        tuning.tune_steps, TUNE_LR, TUNE_BATCH,
+                                                        tuning.tune_seconds)
+        else:
+            b, t = take_delta(LM_HEAD)
+            b, t = b.float().to(device), t.float().to(device)
+            linears["lm_head"] = solve(LM_HEAD, t - b, hessian_of(normed, weights))
+            if tuning.tune_steps > 0:
+                head = linears["lm_head"]
+                tuned = {bits: _tune_head(_view(head, bits), b, t, normed, normed_ft, tuning.tune_steps,
+                                          tuning.tune_seconds) for bits in _precisions(head)}
+                linears["lm_head"] = _joined(head, tuned)
 
 
 def _embed(tokens: torch.Tensor, embed_base: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
@@ -414,7 +484,7 @@ def _embed(tokens: torch.Tensor, embed_base: torch.Tensor, packed: PackedLinear)
 
 def _replay_block(runner: BlockRunner, layer: torch.nn.Module, index: int, base: ModelWeights,
                   checkpoints: Checkpoints, linears: dict, exact: dict, tokens: torch.Tensor,
-                  embed_base: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+                  embed_base: torch.Tensor, hidden: torch.Tensor, take) -> torch.Tensor:
     """A block finished by the interrupted run: take its results, install base + Δ̂ in `layer` (the same
     expression as the first run) and return the block's output on the compressed stream."""
     prefix = f"model.layers.{index}."
@@ -422,13 +492,62 @@ def _replay_block(runner: BlockRunner, layer: torch.nn.Module, index: int, base:
     linears.update(done)
     exact.update(done_exact)
     checkpoints.norms[:] = norms
-    device = hidden.device
     for lin in _linear_set(layer):
-        weight = base.get(f"{prefix}{lin}.weight").float().to(device)
-        layer.get_submodule(lin).weight.copy_(weight + linears[f"{prefix}{lin}"].dequantize().to(device))
+        param = f"{prefix}{lin}.weight"
+        _install(layer, lin, _base_source(base, param, base.get(param), hidden.device), linears[param[:-7]])
     if index == 0:
-        hidden = _embed(tokens, embed_base, linears["model.embed_tokens"])
+        hidden = _embed(tokens, embed_base, take(linears["model.embed_tokens"]))
     return runner.run(layer, hidden)
+
+
+def _base_source(base: ModelWeights, param: str, stored: torch.Tensor, device: torch.device):
+    """A linear's base weight as kept during its block: the tensor (stored dtype) when small, else a
+    reader `rows → tensor` (re-read from disk at each use: the block's base is never held whole)."""
+    if not is_large(stored.shape):
+        return stored.to(device)
+
+    def read(rows: slice | None = None) -> torch.Tensor:
+        return base.get(param, rows).to(device)
+    return read
+
+
+def _install(layer: torch.nn.Module, lin: str, base_weight, packed: PackedLinear) -> None:
+    """Make `layer`'s linear `lin` compute with base + Δ̂ (built once when small, at each call when large)."""
+    module = layer.get_submodule(lin)
+    if callable(base_weight):
+        module.source = lambda: compressed_weight(base_weight(), packed)
+    else:
+        weight = compressed_weight(base_weight, packed)
+        module.source = lambda: weight
+
+
+def _solve_rows(solve: _Solver, name: str, take_delta, n_rows: int, hessian: torch.Tensor | None,
+                device: torch.device, rows: int = 4096) -> PackedLinear:
+    """Solve a large matrix (embedding, lm_head) by row chunks read from disk (its rows are independent)."""
+    parts = []
+    for r in range(0, n_rows, rows):
+        b, t = take_delta(name, slice(r, r + rows))
+        parts.append(solve(name, float_delta(t.to(device), b.to(device)), hessian))
+        del b, t
+        trim()
+    return cat_rows(parts)
+
+
+def _table_rows(weights: ModelWeights, name: str, index: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """Rows `index` (sorted) of a large table, read a chunk at a time."""
+    parts = []
+    for r in range(0, weights.shape(name)[0], rows):
+        sel = index[(index >= r) & (index < r + rows)]
+        if len(sel):
+            parts.append(weights.get(name, slice(r, r + rows)).index_select(0, sel - r))
+    return torch.cat(parts)
+
+
+def _with_rows(full: PackedLinear, index: torch.Tensor, part: PackedLinear) -> PackedLinear:
+    """`full` with the scales of rows `index` taken from `part` (those rows tuned; codes unchanged)."""
+    scales = full.scales.clone()
+    scales[index] = part.scales
+    return dataclasses.replace(full, scales=scales)
 
 
 def _precisions(packed) -> list[int]:
@@ -453,23 +572,37 @@ def _tune_block(runner: BlockRunner, layer: torch.nn.Module, base_weights: dict,
     if tune_embedding:
         packed["embed"] = linears["model.embed_tokens"]
 
+    # a large block streams its base from disk: each linear's weight is rebuilt in its forward and backward
+    streamed = any(callable(w) for w in base_weights.values())
+
     def loss_fn(scales: ScaleSet, rows: slice) -> torch.Tensor:
-        weights = {f"{lin}.weight": base_weights[lin].float() + scales.dense(lin) for lin in base_weights}
         x = (F.embedding(tokens[rows], embed_base.float() + scales.dense("embed")) if tune_embedding
              else hidden[rows])
-        out = functional_call(layer, weights, (x,), {"position_embeddings": runner.position_embeddings(x)})
+        if not streamed:
+            weights = {f"{lin}.weight": base_weights[lin].float() + scales.dense(lin) for lin in base_weights}
+            position = {"position_embeddings": runner.position_embeddings(x)}
+            return F.mse_loss(functional_call(layer, weights, (x,), position), out_ft[rows])
+        modules = [layer.get_submodule(lin) for lin in base_weights]
+        for lin, module in zip(base_weights, modules, strict=True):
+            weight = base_weights[lin]  # a reader `rows → tensor`, or the (small) tensor itself
+            module.delta = streamed_delta(scales, lin, weight if callable(weight) else weight.__getitem__)
+        try:
+            out = layer(x, position_embeddings=runner.position_embeddings(x))
+        finally:
+            for module in modules:
+                module.delta = None
         return F.mse_loss(out, out_ft[rows])
 
     count: dict = {}
     with torch.enable_grad():
         tuned = tune_scales(packed, loss_fn, hidden.shape[0], settings.tune_steps, TUNE_LR, TUNE_BATCH,
-                            device=hidden.device, max_seconds=settings.tune_seconds, taken=count)
+                            device=hidden.device, max_seconds=settings.tune_seconds, taken=count,
+                            compact=streamed)
     if taken is not None:
         taken.append(count["steps"])
     for lin in base_weights:
         linears[f"{prefix}{lin}"] = tuned[lin]
-        weight = layer.get_submodule(lin).weight
-        weight.copy_(base_weights[lin].float() + tuned[lin].dequantize().to(hidden.device))
+        _install(layer, lin, base_weights[lin], tuned[lin])
     if not tune_embedding:
         return hidden
     linears["model.embed_tokens"] = tuned["embed"]
@@ -516,6 +649,8 @@ def validate_settings(settings: CompressConfig) -> None:
         raise DeltazipError(f"--damp must be ≥ 0, not {settings.damp}")
     if settings.tune_steps < 0:
         raise DeltazipError(f"tune_steps must be ≥ 0, not {settings.tune_steps}")
+    if settings.distill_steps < 0:
+        raise DeltazipError(f"distill_steps must be ≥ 0, not {settings.distill_steps}")
     budgeted = settings.target_ratio > 0 or settings.budget_bytes > 0
     if budgeted and settings.bits == 16:
         raise DeltazipError("--target-ratio/--budget-bytes allocate lossy layouts: not with --bits 16")

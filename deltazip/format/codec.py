@@ -15,7 +15,7 @@ import torch
 from deltazip.errors import ArtifactError
 from deltazip.format import logscale
 from deltazip.format.precision import AnyPrecisionLinear, any_precision_streams, view_from_streams
-from deltazip.packed import PackedLinear, codes_per_word, pack_codes_np, unpack_codes_np
+from deltazip.packed import PackedLinear, codes_per_word, pack_codes_np, unpack_codes, unpack_codes_np
 
 ZSTD_LEVEL = 19
 # The 6 possible 2:4 patterns (ascending kept positions); a group's symbol is its index here.
@@ -86,10 +86,8 @@ def linear_streams(packed: PackedLinear, compact: bool = False) -> dict[str, tor
     if isinstance(packed, AnyPrecisionLinear):  # bitplanes, MSB first (docs/FORMAT.md, Any-precision linears)
         return any_precision_streams(packed, pack_patterns)
     if packed.sparse24 and packed.bits == 2:
-        codes, positions = packed.codes().reshape(-1, 2), packed.positions().reshape(-1, 2)
-        pattern_symbols(positions)  # checks two distinct ascending positions per group
-        nibbles = codes[:, 0] | codes[:, 1] << 2 | (positions[:, 0] | positions[:, 1] << 2) << 4
-        streams = {"nibbles": nibbles.to(torch.uint8)}
+        streams = {"nibbles": torch.cat([_nibbles(packed, r, r + 1024)  # row chunks: int64 temporaries
+                                         for r in range(0, max(packed.out_features, 1), 1024)])}
     else:
         streams = {"codes": pack_byte_codes(packed.codes(), packed.bits)}
         if packed.sparse24:
@@ -100,6 +98,15 @@ def linear_streams(packed: PackedLinear, compact: bool = False) -> dict[str, tor
     streams["scales"] = packed.scales.to(torch.float16)
     streams["zeros"] = packed.zeros.to(torch.float16)
     return streams
+
+
+def _nibbles(packed: PackedLinear, start: int, stop: int) -> torch.Tensor:
+    """The `nibbles` stream of rows [start, stop) of a 2-bit 2:4 linear."""
+    n_codes = packed.in_features // 2
+    codes = unpack_codes(packed.qweight[start:stop], 2, n_codes).reshape(-1, 2)
+    positions = unpack_codes(packed.meta[start:stop], 2, n_codes).reshape(-1, 2)
+    pattern_symbols(positions)  # checks two distinct ascending positions per group
+    return (codes[:, 0] | codes[:, 1] << 2 | (positions[:, 0] | positions[:, 1] << 2) << 4).to(torch.uint8)
 
 
 def linear_from_streams(entry: dict, streams: dict[str, bytes], precision: int | None = None) -> PackedLinear:

@@ -16,7 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
+from deltazip.format.hostmem import host_block
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 CHUNK_BYTES = 1 << 18  # small enough that decoding starts early, large enough that hashing stays fast
@@ -38,7 +38,8 @@ class PayloadReader:
         self._file = file if file is not None else open_payload(path)
         self.size = os.fstat(self._file.fileno()).st_size
         try:
-            self.buffer = memoryview(np.empty(self.size, dtype=np.uint8)).cast("B")  # not zero-filled
+            self._block = host_block(self.size)  # not zero-filled; huge pages when large (hostmem.py)
+            self.buffer = memoryview(self._block.numpy()).cast("B")
         except MemoryError:
             self._file.close()
             raise PayloadError(f"{self.size} bytes do not fit in memory") from None
@@ -186,6 +187,26 @@ def open_payload(path: Path):
         file.close()
         raise IsADirectoryError(f"{path}: not a regular file")
     return file
+
+
+READAHEAD_LIMIT = 1 << 30
+
+
+def readahead(path: Path) -> None:
+    """Ask the kernel to start reading a regular file into the page cache (its first GiB), without waiting
+    and without reading anything into this process: a hint only, every failure ignored."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, min(st.st_size, READAHEAD_LIMIT), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @functools.cache

@@ -88,9 +88,10 @@ def _list(value: object, field: str) -> list:
 
 def _enum(value: object, field: str, allowed: tuple | dict) -> object:
     # type first: True == 1 and 2.0 == 2 must not pass as the integers of an enum
-    if not any(type(value) is type(a) and value == a for a in allowed):
-        raise _Fail(field, f"must be one of {', '.join(map(repr, allowed))}, not {_show(value)}")
-    return value
+    for a in allowed:
+        if type(value) is type(a) and value == a:
+            return value
+    raise _Fail(field, f"must be one of {', '.join(map(repr, allowed))}, not {_show(value)}")
 
 
 # ---------------------------------------------------------------- parsing

@@ -69,8 +69,11 @@ class DeltaSlots:
         self._check_slot(slot)
         return self._occupied[slot]
 
-    def set(self, slot: int, packed: PackedLinear) -> None:
-        """Copy `packed` into `slot`, widening its codes to the slot's bit width; validate first."""
+    def set(self, slot: int, packed: PackedLinear, copies: list | None = None) -> None:
+        """Copy `packed` into `slot`, widening its codes to the slot's bit width; validate first.
+
+        Every slot tensor is overwritten whole (no zeroing first). `copies`: append the (slot tensor, source)
+        pairs there instead of copying now (the caller copies a whole delta in one torch._foreach_copy_)."""
         self._check_slot(slot)
         self._check_compatible(packed)
         qweight = packed.qweight
@@ -80,12 +83,25 @@ class DeltaSlots:
         if packed.group_size != self.group_size:  # coarser groups: repeat each (s, z) over the finer groups
             repeat = packed.group_size // self.group_size
             scales, zeros = scales.repeat_interleave(repeat, 1), zeros.repeat_interleave(repeat, 1)
-        self.qweight[slot].copy_(qweight)
+        views = self._views(slot)
+        pairs = [(views[0], qweight), (views[1], scales), (views[2], zeros)]
         if self.meta is not None:
-            self.meta[slot].copy_(packed.meta)
-        self.scales[slot].copy_(scales)
-        self.zeros[slot].copy_(zeros)
+            pairs.append((views[3], packed.meta))
+        if copies is None:
+            for dst, src in pairs:
+                dst.copy_(src)
+        else:
+            copies += pairs
         self._occupied[slot] = True
+
+    def _views(self, slot: int) -> tuple:
+        """(qweight, scales, zeros, meta) of one slot, made once (indexing a tensor costs microseconds)."""
+        cache = self.__dict__.setdefault("_slot_views", {})
+        views = cache.get(slot)
+        if views is None:
+            views = cache[slot] = (self.qweight[slot], self.scales[slot], self.zeros[slot],
+                                   None if self.meta is None else self.meta[slot])
+        return views
 
     def clear(self, slot: int) -> None:
         """Empty `slot` (its delta becomes zero)."""

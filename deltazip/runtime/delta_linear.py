@@ -2,7 +2,8 @@
 
 Every layer keeps the base weight once and per-slot deltas beside it, behind one contract (as vLLM's lora
 layers): ``set_delta(slot, packed=None, dense=None, bias=None)`` and ``clear(slot)``. Packed deltas stay
-packed (DeltaSlots); only exact (lossless) deltas such as norms and biases are dense.
+packed (DeltaSlots); only exact (lossless) deltas such as norms and biases are dense. A layer never keeps a
+view of the host-tier artifact (its tensors share one block, deltazip.format.hostmem): it copies.
 """
 
 from __future__ import annotations
@@ -31,16 +32,20 @@ class DeltaLinear(nn.Module):
         self.bias_delta_by_slot: dict[int, torch.Tensor] = {}  # [N]
 
     def set_delta(self, slot: int, packed: PackedLinear | None = None, dense: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None) -> None:
-        """Put one delta into `slot` (replacing what it held)."""
-        self.clear(slot)
+                  bias: torch.Tensor | None = None, copies: list | None = None) -> None:
+        """Put one delta into `slot` (replacing what it held). `copies`: see DeltaSlots.set."""
+        store = self._store_for(packed) if packed is not None else -1
+        if self.store_of_slot[slot] != store:  # the store it goes to overwrites the slot whole: no zeroing
+            self.clear(slot)
+        self.dense_by_slot.pop(slot, None)
+        self.bias_delta_by_slot.pop(slot, None)
         if packed is not None:
-            self.store_of_slot[slot] = self._store_for(packed)
-            self.packed_stores[self.store_of_slot[slot]].set(slot, packed.to(self.weight.device))
+            self.store_of_slot[slot] = store
+            self.packed_stores[store].set(slot, packed, copies)  # copy_ moves it to the slots' device
         if dense is not None:
-            self.dense_by_slot[slot] = dense.to(self.weight.device, self.weight.dtype)
+            self.dense_by_slot[slot] = dense.to(self.weight.device, self.weight.dtype, copy=True)
         if bias is not None:
-            self.bias_delta_by_slot[slot] = bias.to(self.weight.device, self.weight.dtype)
+            self.bias_delta_by_slot[slot] = bias.to(self.weight.device, self.weight.dtype, copy=True)
 
     def clear(self, slot: int) -> None:
         store = self.store_of_slot[slot]
@@ -107,12 +112,16 @@ class DeltaEmbedding(nn.Module):
         self.dense_by_slot: dict[int, torch.Tensor] = {}
 
     def set_delta(self, slot: int, packed: PackedLinear | None = None, dense: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None) -> None:
+                  bias: torch.Tensor | None = None, copies: list | None = None) -> None:
         self.clear(slot)
         if packed is not None:
-            self.packed_by_slot[slot] = packed.to(self.weight.device)
+            # its own copy: a host-tier artifact is one memory block, kept whole while any view of it lives
+            tensors = {k: v.to(self.weight.device, copy=True) for k, v in packed.tensors().items()}
+            self.packed_by_slot[slot] = PackedLinear(packed.out_features, packed.in_features, packed.bits,
+                                                     packed.group_size, packed.sparse24, tensors["qweight"],
+                                                     tensors.get("meta"), tensors["scales"], tensors["zeros"])
         if dense is not None:
-            self.dense_by_slot[slot] = dense.to(self.weight.device, self.weight.dtype)
+            self.dense_by_slot[slot] = dense.to(self.weight.device, self.weight.dtype, copy=True)
 
     def clear(self, slot: int) -> None:
         self.packed_by_slot.pop(slot, None)
@@ -152,13 +161,17 @@ class DeltaRMSNorm(nn.Module):
         self.has_delta = [False] * num_slots
 
     def set_delta(self, slot: int, packed: PackedLinear | None = None, dense: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None) -> None:
+                  bias: torch.Tensor | None = None, copies: list | None = None) -> None:
         if packed is not None or bias is not None:
             raise DeltazipError("a norm delta must be stored exactly (no packed or bias part)")
-        self.clear(slot)
-        if dense is not None:
+        if dense is None:
+            self.clear(slot)
+            return
+        if copies is None:
             self.weight_delta_by_slot[slot].copy_(dense)
-            self.has_delta[slot] = True
+        else:
+            copies.append((self.weight_delta_by_slot[slot], dense))
+        self.has_delta[slot] = True
 
     def clear(self, slot: int) -> None:
         self.weight_delta_by_slot[slot].zero_()
@@ -240,14 +253,25 @@ def plan_delta(model: Llama, linears: dict[str, PackedLinear],
 
 def set_model_delta(model: Llama, slot: int, linears: dict[str, PackedLinear],
                     exact: dict[str, torch.Tensor]) -> None:
-    """Validate, then copy a delta into `slot` of every module; on any failure the slot is left empty."""
+    """Validate, then copy a delta into `slot` of every module; on any failure the slot is left empty.
+
+    One copy per tensor, on CPU all in one torch._foreach_copy_ (a host-tier hit is memory-bound, not
+    Python-bound): the host tier holds the slot layout already (deltazip.format.decode), and slots are
+    overwritten whole (no zeroing first)."""
     parts = plan_delta(model, linears, exact)
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         for name, module in model.delta_modules.items():
-            if name in parts:
-                module.set_delta(slot, **parts[name])
+            part = parts.get(name)
+            if part:
+                module.set_delta(slot, **part, copies=copies)
             else:
                 module.clear(slot)
+        if copies and all(t.device.type == "cpu" for t in copies[0]):  # host tier and slots both on CPU
+            torch._foreach_copy_([dst for dst, _ in copies], [src for _, src in copies])
+        else:  # slots on an accelerator: each copy_ moves its host tensor over
+            for dst, src in copies:
+                dst.copy_(src)
     except Exception:
         clear_model_delta(model, slot)
         raise

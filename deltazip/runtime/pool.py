@@ -25,7 +25,10 @@ ARTIFACT_SUFFIX = ".dz"
 
 
 def artifact_nbytes(artifact) -> int:
-    """Host bytes of a decoded artifact: its packed layers plus its exact tensors."""
+    """Host bytes of a decoded artifact: its packed layers plus its exact tensors (counted once per load)."""
+    cached = getattr(artifact, "pool_nbytes", None)
+    if cached is not None:
+        return cached
     return (sum(p.nbytes for p in artifact.linears.values())
             + sum(t.numel() * t.element_size() for t in artifact.exact.values()))
 
@@ -212,7 +215,7 @@ class DeltaPool:
                 self.counters["load_errors"] += 1
             raise
         artifact.pool_key = key
-        nbytes = artifact_nbytes(artifact)
+        nbytes = artifact.pool_nbytes = artifact_nbytes(artifact)
         seconds = time.perf_counter() - start
         with self._lock:
             self._loading.pop(key, None)

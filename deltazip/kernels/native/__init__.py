@@ -1,15 +1,16 @@
 """The native CPU delta GEMM: C++ built with torch.utils.cpp_extension on first use, cached on disk.
 
-`build()` compiles `delta_gemm.cpp` (once per source/torch/compiler version, into
-``$DELTAZIP_NATIVE_CACHE`` or ``~/.cache/deltazip/native/``) and loads it, which registers the CPU
-kernel of the ``deltazip::add_delta_matmul`` op. Where it cannot build (no compiler, no ninja, headers
+`build()` compiles `delta_gemm.cpp` and `swapin.cpp` (once per source/torch/compiler version, into
+``$DELTAZIP_NATIVE_CACHE`` or ``~/.cache/deltazip/native/``) and loads them, which registers the CPU
+kernel of the ``deltazip::add_delta_matmul`` op and hands the swap-in decode (deltazip.format.decode) its
+native pass. Where it cannot build (no compiler, no ninja, headers
 missing) or ``DELTAZIP_NATIVE=0``, the op's CPU kernel is the torch path and one warning line says why.
 
 Tuning (read on every call, so benchmarks can switch): ``DELTAZIP_NATIVE_STRATEGY`` = auto | direct |
 lut | rowvec | dense; for auto, ``DELTAZIP_NATIVE_DENSE_ROWS`` (segments with at least this many rows
-decode to dense and run a BLAS GEMM; 64), ``DELTAZIP_NATIVE_LUT_ROWS`` (2-bit 2:4 segments with at most
+decode to dense and run a BLAS GEMM; 1024), ``DELTAZIP_NATIVE_LUT_ROWS`` (2-bit 2:4 segments with at most
 this many rows use the table-lookup kernel; 0) and ``DELTAZIP_NATIVE_ROWVEC_ROWS`` (segments with at least
-this many rows use the row-vector kernel; never by default); ``DELTAZIP_NATIVE_ISA=scalar`` (skip AVX2),
+this many rows use the row-vector kernel; 9, fewer run direct); ``DELTAZIP_NATIVE_ISA=scalar`` (skip AVX2),
 ``DELTAZIP_NATIVE_NOFAST=1`` (the AVX2 kernel's general loop instead of its unrolled chunks; for tests).
 The defaults come from benchmarks/kernel.py on this 2-core AVX2 machine.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("delta_gemm.cpp"),)
+SOURCES = (Path(__file__).with_name("delta_gemm.cpp"), Path(__file__).with_name("swapin.cpp"))
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
 LOG = logging.getLogger("deltazip.kernels")
 
@@ -85,16 +86,25 @@ def build(verbose: bool = False) -> bool:
             if built.is_file() and not (where / "lock").exists():  # cached: load without asking ninja
                 torch.ops.load_library(str(built))
                 _state.update(ok=True, error="", path=str(where))
+                _register_decoders()
                 return True
             where.mkdir(parents=True, exist_ok=True)
             cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
                                extra_ldflags=["-fopenmp"], build_directory=str(where),
                                is_python_module=False, verbose=verbose)
             _state.update(ok=True, error="", path=str(where))
+            _register_decoders()
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
             first = str(exc).strip().splitlines()
             _state.update(ok=False, error=f"{type(exc).__name__}: {first[0] if first else ''}"[:300])
         return bool(_state["ok"])
+
+
+def _register_decoders() -> None:
+    """Hand the swap-in decode its native passes (swapin.cpp; deltazip.format.decode falls back to numpy)."""
+    from deltazip.format import decode
+
+    decode.NATIVE["nibbles_to_words"] = torch.ops.deltazip_native.nibbles_to_words.default
 
 
 def available() -> bool:

@@ -5,18 +5,22 @@
 // The dense delta is never built for the "direct" and "lut" strategies; "dense" decodes one tile of output
 // rows at a time (≤ 4 MiB) and runs a BLAS GEMM on it (large segments: prefill).
 //
-// Strategies per segment (DELTAZIP_NATIVE_STRATEGY=auto|direct|lut|dense):
+// Strategies per segment (DELTAZIP_NATIVE_STRATEGY=auto|direct|lut|rowvec|dense):
 //   direct  8 output rows per AVX2 register; codes and 2:4 positions decoded in registers once per block
 //           and reused by up to 8 activation rows; x[col] of a kept value picked with one permute. Layouts
 //           whose scale groups hold whole 16-value chunks (2/4/8-bit) run a fully unrolled loop.
+//   rowvec  lanes = activation rows (x transposed per segment, blocks of 8/16/32 rows): each output row's
+//           kept values decoded once into a small buffer, then one broadcast + one FMA per kept value and 8
+//           rows, the 2:4 column an address (integer ops on the meta word) instead of a permute; K walked in
+//           L1-sized chunks. Needs the unrolled layouts and AVX2.
 //   lut     2-bit 2:4 only: per activation row, a table of the 96 possible partial sums of each group of 4
 //           inputs (pattern x two codes); one table load per group of 4 weights (T-MAC / LUT-GEMM style).
 //   dense   decode a tile of output rows to fp32, then at::mm (MKL) for many rows.
-//   rowvec  lanes = activation rows (x transposed per segment): one broadcast + FMA per kept value and 8 rows,
-//           the 2:4 column an address instead of a permute. Measured slower than direct here (load-bound).
-// auto = dense for segments of ≥ DELTAZIP_NATIVE_DENSE_ROWS rows (64), else direct; lut only when asked or
-// for segments of ≤ DELTAZIP_NATIVE_LUT_ROWS rows (default 0), rowvec for ≥ DELTAZIP_NATIVE_ROWVEC_ROWS
-// (default never): on this AVX2 machine both measured slower than direct (benchmarks/kernel.py).
+// auto = dense for segments of ≥ DELTAZIP_NATIVE_DENSE_ROWS rows (1024), rowvec for ≥
+// DELTAZIP_NATIVE_ROWVEC_ROWS (9: a 16-row block; 16 rows on one delta run at ~0.7x the fp32 base GEMM vs
+// ~1.3x for direct, one thread, and rowvec still beats dense at 512 rows), else direct; lut only when asked
+// or for segments of ≤ DELTAZIP_NATIVE_LUT_ROWS rows (default 0: slower than direct here).
+// Defaults from benchmarks/kernel.py on this 2-core AVX2 (Zen 3) machine.
 // ISA: AVX2+FMA+F16C chosen at run time (target attributes, one portable build); a scalar path otherwise or
 // with DELTAZIP_NATIVE_ISA=scalar. Threads: OpenMP over (segment, block of 64 output rows; a whole segment
 // for lut), count = min(torch threads, CPUs this process may use: sched_getaffinity and the cgroup CPU
@@ -388,20 +392,69 @@ DZ_AVX2 void direct_rows(const Problem& p, const Seg& seg, int64_t n0, int64_t n
   direct_rows_impl<BITS, SPARSE, false>(p, seg, n0, n1);
 }
 
-// Row-vector strategy (several rows on one delta): lanes = activation rows, x transposed per segment
-// (xT [K][RP], RP = rows rounded up to 8, zero padded). Each kept value is decoded once per output row (16 at
-// a time, vectorised) and then costs one broadcast and one FMA per 8 rows, no permute: the 2:4 column is an
-// address, not a lane shuffle. Fast layouts only (whole 16-value chunks per scale group).
+// Row-vector strategy (several rows on one delta): lanes = activation rows. x is transposed per segment into
+// blocks of 32 / 16 / 8 rows, each xT [K][RW] (RW = 8 * NB rows, zero padded, 64-byte aligned).
+// Per output row and K chunk the kept values are decoded once (16 at a time, vectorised) into a small buffer;
+// then each kept value costs one broadcast load, NB loads of its xT column and NB FMAs for all RW rows: no
+// permute, the 2:4 column is an address computed with integer ops from the meta word (which run beside the
+// FMAs). K is walked in chunks whose xT part stays in L1 (partial sums kept per output row). Fast layouts only
+// (whole 16-value chunks per scale group).
+constexpr int64_t RV_CHUNK_FLOATS = 4096;  // xT floats per K chunk (16 KiB)
+constexpr int64_t RV_AHEAD = 6;  // output rows prefetched ahead
+
+// R output rows [n, n + R) over one K chunk, interleaved (independent work hides the address -> load -> FMA
+// latency; measured 4% faster than one row at a time here); their decoded values at vb + r * jn, partial sums
+// at rn + r * RW (read back when `carry`: not the first chunk).
+template <bool SPARSE, int NB, int R>
+DZ_AVX2 inline void rowvec_rows_acc(const Problem& p, int64_t slot, const float* xc, int64_t n, int64_t jbase,
+                                    int64_t jn, bool carry, const float* vb, float* rn) {
+  constexpr int RW = 8 * NB;
+  constexpr int NS = R == 2 ? (NB == 4 ? 1 : 2) : (NB == 4 ? 2 : 4);  // accumulator sets: 8+ FMA chains
+  const int32_t* mr = SPARSE ? p.m + (slot * p.N + n) * p.MW + jbase / 16 : nullptr;
+  __m256 acc[R][NS][NB];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < NS; ++a)
+      for (int b = 0; b < NB; ++b)
+        acc[r][a][b] = a == 0 && carry ? _mm256_loadu_ps(rn + r * RW + 8 * b) : _mm256_setzero_ps();
+  for (int64_t j0 = 0; j0 < jn; j0 += 16) {
+    if (SPARSE) {  // kept value j0 + jj sits in column 2 * j0 + 4 * (jj / 2) + position (of this chunk)
+      uint32_t mw[R];
+      for (int r = 0; r < R; ++r) mw[r] = (uint32_t)mr[r * p.MW + j0 / 16];
+      const float* xb = xc + 2 * j0 * RW;
+#pragma GCC unroll 16
+      for (int jj = 0; jj < 16; ++jj)
+        for (int r = 0; r < R; ++r) {
+          const __m256 v = _mm256_broadcast_ss(vb + r * jn + j0 + jj);
+          const float* xp = xb + (jj >> 1) * 4 * RW + ((mw[r] >> (2 * jj)) & 3) * RW;
+          for (int b = 0; b < NB; ++b)
+            acc[r][jj % NS][b] = _mm256_fmadd_ps(v, _mm256_load_ps(xp + 8 * b), acc[r][jj % NS][b]);
+        }
+    } else {
+      const float* xb = xc + j0 * RW;
+#pragma GCC unroll 16
+      for (int jj = 0; jj < 16; ++jj)
+        for (int r = 0; r < R; ++r) {
+          const __m256 v = _mm256_broadcast_ss(vb + r * jn + j0 + jj);
+          for (int b = 0; b < NB; ++b)
+            acc[r][jj % NS][b] = _mm256_fmadd_ps(v, _mm256_load_ps(xb + jj * RW + 8 * b), acc[r][jj % NS][b]);
+        }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) {
+      __m256 t = acc[r][0][b];
+      for (int a = 1; a < NS; ++a) t = _mm256_add_ps(t, acc[r][a][b]);
+      _mm256_storeu_ps(rn + r * RW + 8 * b, t);
+    }
+}
+
 template <int BITS, bool SPARSE, int NB>
-DZ_AVX2 void rowvec_pass(const Problem& p, const Seg& seg, const float* xT, int64_t RP, int64_t n, int64_t rb,
-                         float* res) {
+DZ_AVX2 void rowvec_block(const Problem& p, int64_t slot, const float* xT, int64_t n0, int64_t n1, float* res,
+                          float* vbuf) {
   constexpr int VPW = 32 / BITS;
-  constexpr int QW = 16 / VPW;
-  alignas(32) float vbuf[16];
-  alignas(32) int32_t obuf[16];
-  alignas(32) int32_t wtmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  constexpr int QW = 16 / VPW;  // q words per 16 kept values
+  constexpr int RW = 8 * NB;
   const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-  const __m256i lo = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), hi = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
   __m256i sh_lo, sh_hi, wi_lo, wi_hi;
   {
     alignas(32) int32_t a[16], b[16];
@@ -411,72 +464,149 @@ DZ_AVX2 void rowvec_pass(const Problem& p, const Seg& seg, const float* xT, int6
     wi_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
     wi_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 8));
   }
-  const __m256i psh_lo = _mm256_slli_epi32(lo, 1), psh_hi = _mm256_slli_epi32(hi, 1);
-  const __m256i cb_lo = _mm256_slli_epi32(_mm256_srli_epi32(lo, 1), 2), cb_hi = _mm256_slli_epi32(_mm256_srli_epi32(hi, 1), 2);
-  const __m256i rp = _mm256_set1_epi32((int)RP);
-  const int64_t row = seg.slot * p.N + n;
-  const int32_t* qr = p.q + row * p.W;
-  const int32_t* mr = SPARSE ? p.m + row * p.MW : nullptr;
-  const int64_t chunks = (SPARSE ? p.group / 2 : p.group) / 16;
-  __m256 acc[4][NB];
-  for (int a = 0; a < 4; ++a)
-    for (int b = 0; b < NB; ++b) acc[a][b] = _mm256_setzero_ps();
-  int64_t j0 = 0;
-  for (int64_t g = 0; g < p.G; ++g) {
-    const __m256 s = _mm256_set1_ps(_cvtsh_ss(p.sc[row * p.G + g]));
-    const __m256 z = _mm256_set1_ps(_cvtsh_ss(p.ze[row * p.G + g]));
-    for (int64_t ch = 0; ch < chunks; ++ch, j0 += 16) {
-      for (int w = 0; w < QW; ++w) wtmp[w] = qr[j0 / VPW + w];
-      const __m256i words = _mm256_load_si256(reinterpret_cast<const __m256i*>(wtmp));
-      const __m256i c_lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(words, wi_lo), sh_lo), mask);
-      const __m256i c_hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(words, wi_hi), sh_hi), mask);
-      _mm256_store_ps(vbuf, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c_lo), z), s));
-      _mm256_store_ps(vbuf + 8, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c_hi), z), s));
-      __m256i col_lo, col_hi;
-      if (SPARSE) {  // column of kept value j0 + jj: 4 * ((j0 + jj) / 2) + position = 2 * j0 + 4 * (jj / 2) + p
-        const __m256i M = _mm256_set1_epi32(mr[j0 / 16]);
-        const __m256i base = _mm256_set1_epi32((int)(2 * j0));
-        col_lo = _mm256_add_epi32(_mm256_add_epi32(base, cb_lo), _mm256_and_si256(_mm256_srlv_epi32(M, psh_lo), _mm256_set1_epi32(3)));
-        col_hi = _mm256_add_epi32(_mm256_add_epi32(base, cb_hi), _mm256_and_si256(_mm256_srlv_epi32(M, psh_hi), _mm256_set1_epi32(3)));
-      } else {
-        col_lo = _mm256_add_epi32(_mm256_set1_epi32((int)j0), lo);
-        col_hi = _mm256_add_epi32(_mm256_set1_epi32((int)j0), hi);
+  const __m256i wmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(QW), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const int64_t kpg = SPARSE ? p.group / 2 : p.group;  // kept values per scale group (a multiple of 16)
+  const int64_t gpc = std::max<int64_t>(1, RV_CHUNK_FLOATS / RW / p.group);  // scale groups per K chunk
+  for (int64_t g0 = 0; g0 < p.G; g0 += gpc) {
+    const int64_t g1 = std::min(p.G, g0 + gpc), jbase = g0 * kpg, jn = (g1 - g0) * kpg;
+    const float* xc = xT + g0 * p.group * RW;
+    // rows [n, e) of the chunk into buf (row r at buf + (r - n) * jn)
+    auto decode = [&](int64_t n, int64_t e, float* buf) DZ_AVX2 {
+      for (; n < e; ++n, buf += jn) {
+        const int64_t row = slot * p.N + n;
+        const int32_t* qr = p.q + row * p.W;
+        for (int64_t g = g0; g < g1; ++g) {
+          const __m256 s = _mm256_set1_ps(_cvtsh_ss(p.sc[row * p.G + g]));
+          const __m256 z = _mm256_set1_ps(_cvtsh_ss(p.ze[row * p.G + g]));
+          for (int64_t j = g * kpg; j < (g + 1) * kpg; j += 16) {
+            const __m256i words = _mm256_maskload_epi32(qr + j / VPW, wmask);
+            const __m256i c_lo =
+                _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(words, wi_lo), sh_lo), mask);
+            const __m256i c_hi =
+                _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(words, wi_hi), sh_hi), mask);
+            _mm256_storeu_ps(buf + j - jbase, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c_lo), z), s));
+            _mm256_storeu_ps(buf + j - jbase + 8, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c_hi), z), s));
+          }
+        }
       }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(obuf), _mm256_mullo_epi32(col_lo, rp));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(obuf + 8), _mm256_mullo_epi32(col_hi, rp));
-#pragma GCC unroll 16
-      for (int jj = 0; jj < 16; ++jj) {
-        const __m256 vb = _mm256_broadcast_ss(vbuf + jj);
-        const float* xp = xT + obuf[jj] + rb;
-        for (int b = 0; b < NB; ++b) acc[jj & 3][b] = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp + 8 * b), acc[jj & 3][b]);
+    };
+    // pairs of output rows; the next pair is decoded (into the other half of vbuf) before this one
+    // accumulates, so the broadcast loads never wait on fresh stores
+    decode(n0, std::min(n1, n0 + 2), vbuf);
+    for (int64_t n = n0; n < n1; n += 2) {
+      const float* vcur = vbuf + ((n - n0) / 2 & 1) * 2 * jn;
+      if (n + 2 < n1) decode(n + 2, std::min(n1, n + 4), vbuf + ((n + 2 - n0) / 2 & 1) * 2 * jn);
+      for (int64_t a = n + RV_AHEAD; a < std::min(n1, n + RV_AHEAD + 2); ++a) {  // DRAM rows: ask ahead
+        const int64_t ahead = slot * p.N + a;
+        _mm_prefetch(reinterpret_cast<const char*>(p.q + ahead * p.W + jbase / VPW), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p.q + ahead * p.W + (jbase + jn) / VPW) - 1, _MM_HINT_T0);
+        if (SPARSE) {
+          _mm_prefetch(reinterpret_cast<const char*>(p.m + ahead * p.MW + jbase / 16), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p.m + ahead * p.MW + (jbase + jn) / 16) - 1, _MM_HINT_T0);
+        }
+        _mm_prefetch(reinterpret_cast<const char*>(p.sc + ahead * p.G + g0), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p.ze + ahead * p.G + g0), _MM_HINT_T0);
       }
+      float* rn = res + (n - n0) * RW;
+      if (n + 2 <= n1) rowvec_rows_acc<SPARSE, NB, 2>(p, slot, xc, n, jbase, jn, g0 > 0, vcur, rn);
+      else rowvec_rows_acc<SPARSE, NB, 1>(p, slot, xc, n, jbase, jn, g0 > 0, vcur, rn);
     }
   }
-  for (int b = 0; b < NB; ++b) {
-    const __m256 t = _mm256_add_ps(_mm256_add_ps(acc[0][b], acc[1][b]), _mm256_add_ps(acc[2][b], acc[3][b]));
-    _mm256_storeu_ps(res + 8 * b, t);
+}
+
+// xT blocks of one segment: 32 rows while more than 24 remain, then 16 while more than 8, then 8; block b
+// (rows first[b] .. of the segment, width[b] lanes) at data + off[b].
+struct RowvecX {
+  const float* data = nullptr;  // 64-byte aligned
+  std::vector<int64_t> off, first, width;
+  int64_t floats = 0;
+};
+
+RowvecX rowvec_layout(const Problem& p, const Seg& seg) {
+  RowvecX t;
+  for (int64_t r = 0; r < seg.count;) {
+    const int64_t w = seg.count - r > 24 ? 32 : (seg.count - r > 8 ? 16 : 8);
+    t.off.push_back(t.floats);
+    t.first.push_back(r);
+    t.width.push_back(w);
+    t.floats += p.K * w;
+    r += std::min<int64_t>(w, seg.count - r);
+  }
+  return t;
+}
+
+// Scratch for the transposed rows of one call: reused by the calling thread while small (a decode step calls
+// the op once per linear layer), a fresh allocation for a large prefill segment.
+float* rowvec_scratch(int64_t floats, at::Tensor& owner) {
+  constexpr int64_t KEEP = 1 << 20;  // floats (4 MiB) kept per thread at most
+  thread_local at::Tensor kept;
+  if (floats > KEEP) {
+    owner = at::empty({floats}, at::kFloat);  // the CPU allocator aligns to 64 bytes
+    return owner.data_ptr<float>();
+  }
+  if (!kept.defined() || kept.numel() < floats) kept = at::empty({std::max<int64_t>(floats, 1 << 16)}, at::kFloat);
+  return kept.data_ptr<float>();
+}
+
+// x rows of the segment into its xT blocks (8 x 8 register transposes; padding lanes zero). K % 16 == 0 here.
+DZ_AVX2 void rowvec_transpose(const Problem& p, const Seg& seg, RowvecX& t, float* data) {
+  t.data = data;
+  for (size_t b = 0; b < t.off.size(); ++b) {
+    const int64_t width = t.width[b], rows = std::min<int64_t>(width, seg.count - t.first[b]);
+    for (int64_t r0 = 0; r0 < width; r0 += 8) {
+      const float* xr[8];
+      for (int i = 0; i < 8; ++i)
+        xr[i] = r0 + i < rows ? p.x + seg.rows[t.first[b] + r0 + i] * p.sx : nullptr;
+      float* o = data + t.off[b] + r0;
+      for (int64_t k = 0; k < p.K; k += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = xr[i] ? _mm256_loadu_ps(xr[i] + k) : _mm256_setzero_ps();
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        const __m256 c[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                             _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                             _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                             _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+        for (int i = 0; i < 8; ++i) _mm256_store_ps(o + (k + i) * width, c[i]);
+      }
+    }
   }
 }
 
 template <int BITS, bool SPARSE>
-DZ_AVX2 void rowvec_rows(const Problem& p, const Seg& seg, const float* xT, int64_t RP, int64_t n0, int64_t n1) {
-  std::vector<float> res(RP + 16);
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t rb = 0;
-    for (; rb + 16 <= RP; rb += 16) rowvec_pass<BITS, SPARSE, 2>(p, seg, xT, RP, n, rb, res.data() + rb);
-    if (rb < RP) rowvec_pass<BITS, SPARSE, 1>(p, seg, xT, RP, n, rb, res.data() + rb);
-    for (int64_t r = 0; r < seg.count; ++r) p.out[seg.rows[r] * p.so + n] += res[r];
+DZ_AVX2 void rowvec_rows(const Problem& p, const Seg& seg, const RowvecX& t, int64_t n0, int64_t n1,
+                         std::vector<float>& res, std::vector<float>& vbuf) {
+  res.resize((n1 - n0) * 32);
+  vbuf.resize(4 * p.C);
+  const float* d = t.data;
+  for (size_t b = 0; b < t.off.size(); ++b) {
+    const float* xb = d + t.off[b];
+    if (t.width[b] == 32) rowvec_block<BITS, SPARSE, 4>(p, seg.slot, xb, n0, n1, res.data(), vbuf.data());
+    else if (t.width[b] == 16) rowvec_block<BITS, SPARSE, 2>(p, seg.slot, xb, n0, n1, res.data(), vbuf.data());
+    else rowvec_block<BITS, SPARSE, 1>(p, seg.slot, xb, n0, n1, res.data(), vbuf.data());
+    const int64_t rows = std::min<int64_t>(t.width[b], seg.count - t.first[b]);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = p.out + seg.rows[t.first[b] + r] * p.so;
+      for (int64_t n = n0; n < n1; ++n) o[n] += res[(n - n0) * t.width[b] + r];
+    }
   }
 }
 
-DZ_AVX2 void rowvec_dispatch(const Problem& p, const Seg& seg, const float* xT, int64_t RP, int64_t n0, int64_t n1) {
+DZ_AVX2 void rowvec_dispatch(const Problem& p, const Seg& seg, const RowvecX& t, int64_t n0, int64_t n1,
+                             std::vector<float>& res, std::vector<float>& vbuf) {
   switch (p.bits * 2 + (p.sparse ? 1 : 0)) {
-    case 4: return rowvec_rows<2, false>(p, seg, xT, RP, n0, n1);
-    case 5: return rowvec_rows<2, true>(p, seg, xT, RP, n0, n1);
-    case 8: return rowvec_rows<4, false>(p, seg, xT, RP, n0, n1);
-    case 9: return rowvec_rows<4, true>(p, seg, xT, RP, n0, n1);
-    case 16: return rowvec_rows<8, false>(p, seg, xT, RP, n0, n1);
-    case 17: return rowvec_rows<8, true>(p, seg, xT, RP, n0, n1);
+    case 4: return rowvec_rows<2, false>(p, seg, t, n0, n1, res, vbuf);
+    case 5: return rowvec_rows<2, true>(p, seg, t, n0, n1, res, vbuf);
+    case 8: return rowvec_rows<4, false>(p, seg, t, n0, n1, res, vbuf);
+    case 9: return rowvec_rows<4, true>(p, seg, t, n0, n1, res, vbuf);
+    case 16: return rowvec_rows<8, false>(p, seg, t, n0, n1, res, vbuf);
+    case 17: return rowvec_rows<8, true>(p, seg, t, n0, n1, res, vbuf);
   }
 }
 
@@ -628,9 +758,9 @@ bool lut_ok(const Problem& p) { return p.sparse && p.bits == 2 && p.group % 4 ==
 
 void run_segments(const Problem& p, const std::vector<Seg>& segs, Strategy forced) {
   const bool avx2 = use_avx2();
-  const int64_t dense_rows = env_int("DELTAZIP_NATIVE_DENSE_ROWS", 64);  // benchmarks/kernel.py
+  const int64_t dense_rows = env_int("DELTAZIP_NATIVE_DENSE_ROWS", 1024);  // benchmarks/kernel.py
   const int64_t lut_rows_max = env_int("DELTAZIP_NATIVE_LUT_ROWS", 0);
-  const int64_t rowvec_rows_min = env_int("DELTAZIP_NATIVE_ROWVEC_ROWS", 1 << 30);
+  const int64_t rowvec_rows_min = env_int("DELTAZIP_NATIVE_ROWVEC_ROWS", 9);
   // Work items: (segment, block of output rows) for direct/scalar, a whole segment for LUT; each item
   // writes its own part of out.
   constexpr int64_t BLOCK_N = 64;
@@ -651,23 +781,22 @@ void run_segments(const Problem& p, const std::vector<Seg>& segs, Strategy force
     if (st == LUT) { items.push_back({(int64_t)i, 0, p.N}); continue; }
     for (int64_t n0 = 0; n0 < p.N; n0 += BLOCK_N) items.push_back({(int64_t)i, n0, std::min(p.N, n0 + BLOCK_N)});
   }
-  std::vector<std::vector<float>> xts(segs.size());  // transposed rows [K][RP] of ROWVEC segments
-  std::vector<int64_t> rps(segs.size(), 0);
-  for (size_t i = 0; i < segs.size(); ++i) {
-    if (strategy[i] != ROWVEC) continue;
-    const int64_t RP = (segs[i].count + 7) / 8 * 8;
-    rps[i] = RP;
-    xts[i].assign(p.K * RP, 0.f);
-    for (int64_t r = 0; r < segs[i].count; ++r) {
-      const float* xr = p.x + segs[i].rows[r] * p.sx;
-      for (int64_t k = 0; k < p.K; ++k) xts[i][k * RP + r] = xr[k];
-    }
+  std::vector<RowvecX> xts(segs.size());  // transposed rows of ROWVEC segments
+  int64_t xt_floats = 0;
+  for (size_t i = 0; i < segs.size(); ++i)
+    if (strategy[i] == ROWVEC) xts[i] = rowvec_layout(p, segs[i]), xt_floats += xts[i].floats;
+  at::Tensor xt_owner;
+  if (xt_floats > 0) {
+    float* scratch = rowvec_scratch(xt_floats, xt_owner);
+    for (size_t i = 0; i < segs.size(); ++i)
+      if (strategy[i] == ROWVEC) rowvec_transpose(p, segs[i], xts[i], scratch), scratch += xts[i].floats;
   }
   const int nt = thread_count((int64_t)items.size());
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     std::vector<float> tables, psums;
     std::vector<uint8_t> idx;
+    std::vector<float> res, vbuf;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < (int64_t)items.size(); ++it) {
       const Item& item = items[it];
@@ -675,7 +804,7 @@ void run_segments(const Problem& p, const std::vector<Seg>& segs, Strategy force
       if (strategy[item.seg] == LUT) {
         lut_segment(p, seg, avx2, tables, psums, idx);
       } else if (strategy[item.seg] == ROWVEC) {
-        rowvec_dispatch(p, seg, xts[item.seg].data(), rps[item.seg], item.n0, item.n1);
+        rowvec_dispatch(p, seg, xts[item.seg], item.n0, item.n1, res, vbuf);
       } else if (avx2 && direct_ok(p)) {
         direct_dispatch(p, seg, item.n0, item.n1);
       } else {
