@@ -194,18 +194,18 @@ def main() -> None:
     per_block = sum(block_seconds) / max(1, len(block_seconds))
     ratio_13b = block_params(SHAPE_13B) / block_params(SHAPE_7B)
     baseline = result["baseline"]
-    # packed deltas are held until the artifact is written: bytes per parameter of this run's artifact
+    # bytes per parameter of this run's artifact (what a finished block's deltas take in the spool file)
     packed_per_param = result["artifact_bytes"] / (args.layers * block_params(SHAPE_7B)
                                                    + 2 * SHAPE_7B["vocab"] * SHAPE_7B["hidden"])
 
-    def projected_peak(ratio: float, blocks: int) -> float:
-        held = packed_per_param * (blocks - args.layers) * block_params(SHAPE_7B) * ratio
-        return baseline + (overall - baseline) * ratio + held
+    def projected_peak(ratio: float) -> float:
+        # finished blocks' deltas go to the spool file (format/spool.py): the peak does not grow with blocks
+        return baseline + (overall - baseline) * ratio
 
     projection = [
-        ["7B (32 blocks)", f"{32 * per_block / 3600:.1f}", f"{projected_peak(1.0, 32) / GIB:.1f}"],
+        ["7B (32 blocks)", f"{32 * per_block / 3600:.1f}", f"{projected_peak(1.0) / GIB:.1f}"],
         ["13B (40 blocks)", f"{40 * per_block * ratio_13b / 3600:.1f}",
-         f"{projected_peak(ratio_13b, 40) / GIB:.1f}"],
+         f"{projected_peak(ratio_13b) / GIB:.1f}"],
     ]
     gib = ", ".join(f"{p / GIB:.2f}" for p in block_peaks)
     verdict = "within" if overall <= target else "ABOVE"
@@ -221,12 +221,14 @@ def main() -> None:
         f"({overall / target:.2f}×).",
         "",
         f"Interpreter baseline (torch + transformers imported, nothing loaded) {baseline / GIB:.2f} GiB; the "
-        f"artifact holds {packed_per_param:.3f} B per parameter.",
+        f"artifact holds {packed_per_param:.3f} B per parameter (finished blocks' deltas go to a spool "
+        "file on disk, not to memory).",
         "",
         "**Projections** (not measured: time linear in blocks at this calibration size and load; a 13B block "
         f"is {ratio_13b:.2f}× a 7B block: the peak above the baseline (one linear's solve: its input Hessian "
-        "and inverse factor, its delta) is scaled by that factor, and the packed deltas of the other blocks, "
-        "held in memory until the artifact is written, are added; embedding and lm_head time excluded):",
+        "and inverse factor, its delta) is scaled by that factor; the packed deltas of finished blocks are "
+        "spooled to disk as each block ends, so the block count adds nothing; embedding and lm_head time "
+        "excluded):",
         "",
         markdown_table(["model", "projected hours on this CPU", "projected peak RSS GiB"], projection),
         "",

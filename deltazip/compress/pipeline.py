@@ -51,6 +51,7 @@ from deltazip.format.codec import encode_tensors
 from deltazip.format.logscale import log_snapped
 from deltazip.format.manifest import check_name
 from deltazip.format.precision import AnyPrecisionLinear, snapped
+from deltazip.format.spool import Spool
 from deltazip.hf import ModelConfig, ModelWeights, read_config
 from deltazip.packed import PackedLinear
 from deltazip.ui import progress
@@ -205,7 +206,7 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
 
     linears: dict[str, PackedLinear] = {}
     exact: dict[str, torch.Tensor] = {}
-    calib_path = checkpoints = None
+    calib_path = checkpoints = spool = None
     if settings.bits == 16:
         for param in progress(base.names(), desc="exact delta"):
             b, t = take_delta(param)
@@ -222,6 +223,10 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
                    "calib": str(calib_path.resolve()), "name": name}
             checkpoints = Checkpoints(out_dir, run, resume)
             checkpoints.norms = norms
+            # one layout for every tensor: each finished tensor goes to the spool (encoded, on disk), so the
+            # memory held does not grow with the number of blocks. Budgeted runs (the plan and distillation
+            # need every delta) and any-precision (snapped at save) keep the whole delta until the save.
+            spool = Spool(out_dir.parent, settings.lossless)
         if settings.target_ratio > 0 or settings.budget_bytes > 0:
             keys = ("compress_seconds", "relative_delta_norm", "budget_bytes", "budget_rounds")
             estimate = _manifest_info(base_dir, target_dir, target_cfg, settings, calib_path,
@@ -235,8 +240,13 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
                 linears.update(done[0])
                 exact.update(done[1])
         else:
-            _compress_sequential(base, target, tokens, settings, linears, exact, take_delta,
-                                 warn_if_unrelated, checkpoints=checkpoints)
+            try:
+                _compress_sequential(base, target, tokens, settings, linears, exact, take_delta,
+                                     warn_if_unrelated, checkpoints=checkpoints, spool=spool)
+            except BaseException:
+                if spool is not None:
+                    spool.close()
+                raise
     warn_if_unrelated()
     rel_norm = math.sqrt(norms[0] / max(norms[1], 1e-30))
     info = _manifest_info(base_dir, target_dir, target_cfg, settings, calib_path,
@@ -244,6 +254,15 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
                            "relative_delta_norm": rel_norm})
     if settings.bits != 16 and (settings.target_ratio > 0 or settings.budget_bytes > 0):
         info["stats"].update(budget_stats)
+    if spool is not None:  # the lm_head and the tensors outside the blocks join the spooled ones
+        try:
+            spool.add(linears, exact)
+            spool.save(out_dir, name, fingerprint_model(base_dir), info, overwrite=overwrite)
+        finally:
+            spool.close()
+        if checkpoints is not None:
+            checkpoints.finish()
+        return out_dir
     fingerprint = fingerprint_model(base_dir)
     linears = {k: snapped(v) if isinstance(v, AnyPrecisionLinear) else v for k, v in linears.items()}
     budgeted = settings.bits != 16 and (settings.target_ratio > 0 or settings.budget_bytes > 0)
@@ -321,13 +340,16 @@ def _compress_budgeted(base: ModelWeights, target: ModelWeights, tokens: torch.T
 def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch.Tensor,
                          settings: CompressConfig, linears: dict, exact: dict, take_delta,
                          after_first_block, solver: _Solver | None = None,
-                         checkpoints: Checkpoints | None = None, weights: torch.Tensor | None = None) -> None:
+                         checkpoints: Checkpoints | None = None, weights: torch.Tensor | None = None,
+                         spool: Spool | None = None) -> None:
     """Embedding → blocks → final norm → lm_head; each stage sees the already compressed earlier stages.
 
     Two hidden streams run side by side: `hidden` through the compressed model and `hidden_ft` through the
     fine-tune, the teacher of scale tuning (settings.tune_steps). Everything runs on settings.device; one
     block's weights are in memory at a time. Blocks finished by an interrupted run (`checkpoints`) are
-    replayed (forward passes only).
+    replayed (forward passes only). With a `spool`, each block's deltas (block 0's with the embedding's)
+    leave `linears` and `exact` for it once the block is done: what stays is the lm_head and the tensors
+    outside the blocks, and the packed deltas held do not grow with the number of blocks.
     """
     solve = solver or _Solver(settings)
     device = resolve_device(settings.device)
@@ -387,6 +409,8 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
             hidden = _replay_block(runner, layer, index, base, checkpoints, linears, exact, etok,
                                    embed_base, hidden, take)
             hidden_ft = out_ft
+            if spool is not None:
+                _spool_block(spool, linears, exact, prefix, index)
             if index == 0:
                 after_first_block()
                 embed_base = None
@@ -429,6 +453,7 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
                 linears["model.embed_tokens"] = _with_rows(full_embed, uniq.cpu(),
                                                            linears["model.embed_tokens"])
             hidden = tuned_hidden
+            view = views = None  # (they hold this block's deltas)
             if tuning.tune_seconds > 0:
                 tuning = dataclasses.replace(settings, tune_steps=min(taken), tune_seconds=0.0)
                 log.info("scale tuning: %d step(s) per block within the %.0f s budget (fixed from block %d "
@@ -444,6 +469,10 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
                 done["model.embed_tokens"] = linears["model.embed_tokens"]
             checkpoints.save(index, done, {n: v for n, v in exact.items() if n.startswith(prefix)},
                              checkpoints.norms, tune_steps=tuning.tune_steps if index == 0 else None)
+            del done
+        if spool is not None:
+            _spool_block(spool, linears, exact, prefix, index)
+            full_embed = None
         del base_weights
         trim()
         if index == 0:
@@ -475,6 +504,14 @@ def _compress_sequential(base: ModelWeights, target: ModelWeights, tokens: torch
                 tuned = {bits: _tune_head(_view(head, bits), b, t, normed, normed_ft, tuning.tune_steps,
                                           tuning.tune_seconds) for bits in _precisions(head)}
                 linears["lm_head"] = _joined(head, tuned)
+
+
+def _spool_block(spool: Spool, linears: dict, exact: dict, prefix: str, index: int) -> None:
+    """Move block `index`'s finished deltas (and, after block 0, the embedding's) to the spool, in the order
+    the artifact lists them (`linears` keeps the embedding first)."""
+    names = [n for n in linears if n.startswith(prefix) or (index == 0 and n == "model.embed_tokens")]
+    spool.add({n: linears.pop(n) for n in names},
+              {n: exact.pop(n) for n in [n for n in exact if n.startswith(prefix)]})
 
 
 def _embed(tokens: torch.Tensor, embed_base: torch.Tensor, packed: PackedLinear) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """NAME.dz/ on disk (docs/FORMAT.md, "Writing and edge cases", "Checksums"): save_delta and load_delta.
 
-The writer fills a temp directory and renames it; the reader decodes while the payload is read and hashed.
+The writer (spool.write_artifact) fills a temp directory and renames it; the reader decodes while the
+payload is read and hashed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from deltazip.errors import ArtifactError, ChecksumError
@@ -20,19 +20,17 @@ from deltazip.format.codec import encode_tensors
 from deltazip.format.decode import decode_into_slot_layout, output_shapes
 from deltazip.format.hostmem import Arena
 from deltazip.format.manifest import (
-    FORMAT_NAME,
     PAYLOAD,
     check_fingerprint,
     check_name,
     new_manifest,
     read_manifest,
     verify_files,
-    write_manifest,
 )
 from deltazip.format.payload import MAX_HEADER_BYTES, PayloadError, PayloadReader, open_payload, readahead
 from deltazip.format.precision import check_precision
 from deltazip.format.schema import TABLE_KEY, checksum_key, stored_bytes, tensor_table_sha256
-from deltazip.fsutil import atomic_dir
+from deltazip.format.spool import write_artifact
 from deltazip.packed import PackedLinear
 
 
@@ -55,21 +53,14 @@ def save_delta(path: str | Path, name: str, base_fingerprint: str, linears: dict
 
     `checksum`: "blake3" (format version 4) or "sha256" (versions 2 / 3, for readers older than version 4).
     `compact`: version 5, the manifest's tensor table zstd-compressed (byte-budgeted artifacts).
+    Every encoded tensor is held at once; spool.Spool writes the same bytes holding none of them.
     """
-    from safetensors.numpy import save_file
-
     check_name(name)
     check_fingerprint(base_fingerprint)
     blobs, entries = encode_tensors(linears, exact, lossless, compact)
     manifest = new_manifest(name, base_fingerprint, entries, info, checksum, compact)
-    with atomic_dir(path, overwrite) as tmp:
-        arrays = {k: np.frombuffer(v, dtype=np.uint8) for k, v in blobs.items()}
-        payload = tmp / PAYLOAD
-        save_file(arrays, str(payload), metadata={"format": FORMAT_NAME,
-                                                  TABLE_KEY: tensor_table_sha256(manifest["tensors"])})
-        payload.chmod(0o644)
-        write_manifest(tmp, manifest)
-    return Path(path)
+    return write_artifact(path, manifest, {k: len(v) for k, v in blobs.items()}, lambda k: (blobs[k],),
+                          overwrite)
 
 
 def load_delta(path: str | Path, verify: bool = True, precision: int | None = None) -> DeltaArtifact:

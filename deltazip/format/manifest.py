@@ -84,11 +84,14 @@ def new_manifest(name: str, base_fingerprint: str, entries: dict[str, dict],
     return manifest
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
-    """Checksum the payload in `directory` into `files`, then write manifest.json (compact, one line)."""
+def write_manifest(directory: Path, manifest: dict, payload_digest: str | None = None) -> None:
+    """Checksum the payload in `directory` into `files`, then write manifest.json (compact, one line).
+
+    `payload_digest`: the payload's digest (the one its version names) computed while it was written."""
     payload = directory / PAYLOAD
     digest = checksum_key(manifest["version"])
-    manifest["files"] = {PAYLOAD: {digest: file_digest(payload, digest), "bytes": payload.stat().st_size}}
+    payload_digest = payload_digest or file_digest(payload, digest)
+    manifest["files"] = {PAYLOAD: {digest: payload_digest, "bytes": payload.stat().st_size}}
     stats = manifest["stats"]
     num_params = stats["num_parameters"]
     text = ""
