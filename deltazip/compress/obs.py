@@ -43,17 +43,21 @@ def _factors(hessian: torch.Tensor, damp: float, owned: bool = False) -> tuple[t
     With P the reversal permutation and P H P = L Lᵀ: H⁻¹ = (P L⁻¹ P)ᵀ (P L⁻¹ P) and H = (P L)(P L)ᵀ —
     one Cholesky and one triangular inverse (by GEMMs), in float32. `owned`: damp `hessian` in place.
     """
-    h = _damped(hessian, damp, owned)
-    diag = torch.arange(h.shape[0], device=h.device)
-    for attempt in range(6):  # grow damping if H is numerically indefinite
-        lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-        if info == 0:
-            break
-        h[diag, diag] += damp * torch.mean(torch.diag(h)) * 10**attempt + 1e-6
-    else:
-        raise ValueError("the input Hessian is not positive definite even after damping")
+    h = _damped(hessian, damp, owned).flip(0, 1)
+    lower = _cholesky_growing_damping(h, damp)
     del h
     return _lower_inverse(lower).flip(0, 1), lower
+
+
+def _cholesky_growing_damping(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The lower Cholesky factor of `h`, its diagonal grown in place while it is numerically indefinite."""
+    eye = torch.arange(h.shape[0], device=h.device)
+    for attempt in range(6):
+        lower, info = torch.linalg.cholesky_ex(h)
+        if info == 0:
+            return lower
+        h[eye, eye] += damp * torch.mean(torch.diag(h)) * 10**attempt + 1e-6
+    raise ValueError("the input Hessian is not positive definite even after damping")
 
 
 def _sketched_factors(hessian: torch.Tensor, order: torch.Tensor | None,
@@ -74,13 +78,7 @@ def _sketched_factors(hessian: torch.Tensor, order: torch.Tensor | None,
     eye = torch.arange(n, device=h.device)
     h[eye[dead.flip(0)], eye[dead.flip(0)]] = 1.0
     h[eye, eye] += shift
-    for attempt in range(6):  # grow damping if H is numerically indefinite
-        lower, info = torch.linalg.cholesky_ex(h)
-        if info == 0:
-            break
-        h[eye, eye] += damp * torch.mean(torch.diag(h)) * 10**attempt + 1e-6
-    else:
-        raise ValueError("the input Hessian is not positive definite even after damping")
+    lower = _cholesky_growing_damping(h, damp)
     del h
     gen = torch.Generator(device=lower.device).manual_seed(0)
     sketch = torch.randn(n, SKETCH, generator=gen, device=lower.device) / SKETCH**0.5
