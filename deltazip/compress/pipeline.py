@@ -207,6 +207,7 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
     linears: dict[str, PackedLinear] = {}
     exact: dict[str, torch.Tensor] = {}
     calib_path = checkpoints = spool = None
+    budgeted = settings.bits != 16 and (settings.target_ratio > 0 or settings.budget_bytes > 0)
     if settings.bits == 16:
         for param in progress(base.names(), desc="exact delta"):
             b, t = take_delta(param)
@@ -217,7 +218,7 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
         calib_path = resolve_calib(base_dir, calib or settings.calib)
         tokens = calibration_tokens(base_dir, calib_path, settings.n_samples, settings.seq_len)
         checkpoints = None
-        if not (settings.any_precision or settings.target_ratio > 0 or settings.budget_bytes > 0):
+        if not (settings.any_precision or budgeted):
             run = {"settings": {**dataclasses.asdict(settings), "device": str(device)},
                    "base": str(base_dir.resolve()), "target": str(target_dir.resolve()),
                    "calib": str(calib_path.resolve()), "name": name}
@@ -227,7 +228,7 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
             # memory held does not grow with the number of blocks. Budgeted runs (the plan and distillation
             # need every delta) and any-precision (snapped at save) keep the whole delta until the save.
             spool = Spool(out_dir.parent, settings.lossless)
-        if settings.target_ratio > 0 or settings.budget_bytes > 0:
+        if budgeted:
             keys = ("compress_seconds", "relative_delta_norm", "budget_bytes", "budget_rounds")
             estimate = _manifest_info(base_dir, target_dir, target_cfg, settings, calib_path,
                                       dict.fromkeys(keys, 1 / 3))
@@ -252,7 +253,7 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
     info = _manifest_info(base_dir, target_dir, target_cfg, settings, calib_path,
                           {"compress_seconds": round(time.perf_counter() - started, 3),
                            "relative_delta_norm": rel_norm})
-    if settings.bits != 16 and (settings.target_ratio > 0 or settings.budget_bytes > 0):
+    if budgeted:
         info["stats"].update(budget_stats)
     if spool is not None:  # the lm_head and the tensors outside the blocks join the spooled ones
         try:
@@ -265,7 +266,6 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
         return out_dir
     fingerprint = fingerprint_model(base_dir)
     linears = {k: snapped(v) if isinstance(v, AnyPrecisionLinear) else v for k, v in linears.items()}
-    budgeted = settings.bits != 16 and (settings.target_ratio > 0 or settings.budget_bytes > 0)
     if budgeted:
         linears = {k: log_snapped(v) for k, v in linears.items()}  # the scales the artifact stores
     save_delta(out_dir, name, fingerprint, linears, exact, info, settings.lossless, overwrite=overwrite,
