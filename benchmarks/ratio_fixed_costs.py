@@ -1,7 +1,8 @@
 """Issue 15 follow-up: budget recovered from fixed costs (format version 5) at --target-ratio 16 (tiny).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_fixed_costs.py run TASK (--ratio R | --budget-bytes B)
-        --tag TAG [--log FILE.jsonl] [--distill-steps N]
+        --tag TAG [--log FILE.jsonl] [--distill-steps N] [--calib FILE.jsonl]
+        [--n-samples N]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_fixed_costs.py write [--log FILE.jsonl]
         [--notes-file NOTES] [--title TITLE]
 
@@ -46,7 +47,8 @@ def where_bytes(path: Path) -> dict[str, int]:
     return out
 
 
-def run(task: str, ratio: float, budget: int, tag: str, log: Path, distill_steps: int | None = None) -> None:
+def run(task: str, ratio: float, budget: int, tag: str, log: Path, distill_steps: int | None = None,
+        calib: Path | None = None, n_samples: int | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     from deltazip.compress import compress_model
@@ -61,9 +63,11 @@ def run(task: str, ratio: float, budget: int, tag: str, log: Path, distill_steps
     settings = dataclasses.replace(CompressConfig(), target_ratio=ratio, budget_bytes=budget)
     if distill_steps is not None:  # default: CompressConfig's
         settings = dataclasses.replace(settings, distill_steps=distill_steps)
+    if n_samples is not None:
+        settings = dataclasses.replace(settings, n_samples=n_samples)
     start = time.perf_counter()
     compress_model(family.base_dir, family.finetune_dirs[task], out, settings, name=task,
-                   calib=family.calib_path, overwrite=True)
+                   calib=calib or family.calib_path, overwrite=True)
     seconds = time.perf_counter() - start
     manifest = read_manifest(out)
     model, tok = load_model(family.base_dir)
@@ -105,10 +109,13 @@ def main() -> None:
     parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "ratio_fixed_costs.jsonl")
     parser.add_argument("--notes-file", type=Path, help="text under the table")
     parser.add_argument("--distill-steps", type=int, help="distillation steps (default: CompressConfig)")
+    parser.add_argument("--calib", type=Path, help="calibration jsonl (default: the family's calib.jsonl)")
+    parser.add_argument("--n-samples", type=int, help="calibration windows (default: CompressConfig)")
     parser.add_argument("--title", default=TITLE, help="the RESULTS.md section to write")
     args = parser.parse_args()
     if args.mode == "run":
-        run(args.task, args.ratio, args.budget_bytes, args.tag, args.log, args.distill_steps)
+        run(args.task, args.ratio, args.budget_bytes, args.tag, args.log, args.distill_steps, args.calib,
+            args.n_samples)
     else:
         write(args.log, args.notes_file.read_text() if args.notes_file else "", args.title)
 

@@ -21,7 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# hidden sizes up to this compress on one thread: their ops are too small to share, and with passive waiting
+# every op pays a thread wake-up (benchmarks/RESULTS.md, "Threads: one thread for narrow models")
+NARROW_WIDTH = 256
 _configured: int | None = None
+_chosen_by_user = False
 
 
 def early_env() -> None:
@@ -113,19 +117,33 @@ def resolve_threads(configured: int = 0, root: str | Path = CGROUP_ROOT) -> int:
         raise ValueError(f"threads must be 0 (auto) or a positive integer, not {configured!r}")
     if configured > 0:
         return configured
+    return _env_threads() or usable_cpus(root)
+
+
+def _env_threads() -> int:
+    """A positive OMP_NUM_THREADS, else 0."""
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return usable_cpus(root)
+    return int(env) if env.isdigit() else 0
+
+
+def work_threads(hidden_size: int) -> int:
+    """Threads for compressing a model of this hidden size: one for a narrow model (NARROW_WIDTH) unless the
+    user chose a count ([runtime] threads, OMP_NUM_THREADS), else torch's current count."""
+    import torch
+
+    if hidden_size <= NARROW_WIDTH and not (_chosen_by_user or _env_threads() > 0):
+        return 1
+    return torch.get_num_threads()
 
 
 def configure_threads(n: int | None = None) -> int:
     """Set torch's intra-op threads to `n` (None or 0: usable_cpus()) and its inter-op threads to at most
     2; OMP_WAIT_POLICY=PASSIVE for child processes. Returns the thread count. Safe to call again (the
     inter-op pool can be sized only once per process; later calls leave it)."""
-    global _configured
+    global _configured, _chosen_by_user
     early_env()
     threads = resolve_threads(n or 0)
+    _chosen_by_user = bool(n) or _env_threads() > 0
     import torch
 
     torch.set_num_threads(threads)

@@ -70,6 +70,7 @@ def test_resolve_threads_order(tmp_path, monkeypatch):
 def test_configure_threads_sets_torch_and_passive_wait(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(threads, "_chosen_by_user", threads._chosen_by_user)  # restored afterwards
     try:
         assert threads.configure_threads(1) == 1 and torch.get_num_threads() == 1
         assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
@@ -78,6 +79,19 @@ def test_configure_threads_sets_torch_and_passive_wait(monkeypatch):
         assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
     finally:
         torch.set_num_threads(before)
+
+
+def test_work_threads_one_for_narrow_models_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_chosen_by_user", False)
+    before = torch.get_num_threads()
+    assert threads.work_threads(threads.NARROW_WIDTH) == 1
+    assert threads.work_threads(threads.NARROW_WIDTH * 2) == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's count is kept, however narrow the model
+    assert threads.work_threads(128) == before
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(threads, "_chosen_by_user", True)  # [runtime] threads in deltazip.toml
+    assert threads.work_threads(128) == before
 
 
 def test_config_threads_key():

@@ -83,6 +83,7 @@ class Student:
         self.packed = {n: p for n, p in linears.items() if isinstance(p, PackedLinear)
                        and f"{n}.weight" in self.base and p.scales.numel()}
         self.steps = {n: unit_steps(p) for n, p in self.packed.items()}
+        self.kept = {n: s != 0 for n, s in self.steps.items()}
         self.scales = {n: p.scales.float() for n, p in self.packed.items()}
         self.log_mult = {n: torch.zeros_like(s, requires_grad=True) for n, s in self.scales.items()}
         # codes: a latent value per nonzero code (pruned and zero codes stay zero: the mask is fixed)
@@ -104,7 +105,7 @@ class Student:
         latent = self.latent[n].clamp(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
         levels = torch.round(latent)
         levels = latent + (levels - latent).detach() if straight_through else levels.detach()
-        return levels * (self.steps[n] != 0)
+        return levels * self.kept[n]
 
     def weights(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -112,7 +113,9 @@ class Student:
             steps = self.rounded(n) if n in self.latent else steps
             group = self.packed[n].group_size
             scales = self.scales[n] * torch.exp(self.log_mult[n])
-            out[f"{n}.weight"] = self.base[f"{n}.weight"] + steps * scales.repeat_interleave(group, dim=1)
+            if scales.shape[1] > 1:  # per-group scales; one per row broadcasts (cheaper forward and backward)
+                scales = scales.repeat_interleave(group, dim=1)
+            out[f"{n}.weight"] = torch.addcmul(self.base[f"{n}.weight"], steps, scales)
         for n, v in self.norms.items():
             out[n] = self.base[n] + v
         return out
@@ -192,7 +195,7 @@ def distill(base_dir, target_dir, tokens: torch.Tensor, linears: dict[str, Packe
                for n, p in linears.items()}
     before = full_loss(base_model, static_weights(base_model, snapped, exact), tokens, teach)
     student = Student(base_model, linears, exact, train_exact, train_codes)
-    opt = torch.optim.Adam(student.parameters())
+    opt = torch.optim.Adam(student.parameters(), fused=True)  # one kernel for all tensors (CPU supports it)
     gen = torch.Generator().manual_seed(0)
     n = tokens.shape[0]
     batch = min(BATCH, n)

@@ -54,6 +54,7 @@ from deltazip.format.precision import AnyPrecisionLinear, snapped
 from deltazip.format.spool import Spool
 from deltazip.hf import ModelConfig, ModelWeights, read_config
 from deltazip.packed import PackedLinear
+from deltazip.threads import fixed_threads, work_threads
 from deltazip.ui import progress
 
 log = logging.getLogger(__name__)
@@ -228,26 +229,27 @@ def compress_model(base_dir: str | Path, target_dir: str | Path, out_dir: str | 
             # memory held does not grow with the number of blocks. Budgeted runs (the plan and distillation
             # need every delta) and any-precision (snapped at save) keep the whole delta until the save.
             spool = Spool(out_dir.parent, settings.lossless)
-        if budgeted:
-            keys = ("compress_seconds", "relative_delta_norm", "budget_bytes", "budget_rounds")
-            estimate = _manifest_info(base_dir, target_dir, target_cfg, settings, calib_path,
-                                      dict.fromkeys(keys, 1 / 3))
-            estimate["name"] = name
-            budget_stats = _compress_budgeted(base, target, tokens, settings, linears, exact, take_delta,
-                                              warn_if_unrelated, estimate)
-            if settings.distill_steps > 0:  # scales, codes, norm deltas fitted on the whole model
-                done = distill(base_dir, target_dir, tokens, linears, exact, settings.distill_steps,
-                               settings.lossless, stats=budget_stats)
-                linears.update(done[0])
-                exact.update(done[1])
-        else:
-            try:
-                _compress_sequential(base, target, tokens, settings, linears, exact, take_delta,
-                                     warn_if_unrelated, checkpoints=checkpoints, spool=spool)
-            except BaseException:
-                if spool is not None:
-                    spool.close()
-                raise
+        with fixed_threads(work_threads(target_cfg.hidden_size)):
+            if budgeted:
+                keys = ("compress_seconds", "relative_delta_norm", "budget_bytes", "budget_rounds")
+                estimate = _manifest_info(base_dir, target_dir, target_cfg, settings, calib_path,
+                                          dict.fromkeys(keys, 1 / 3))
+                estimate["name"] = name
+                budget_stats = _compress_budgeted(base, target, tokens, settings, linears, exact, take_delta,
+                                                  warn_if_unrelated, estimate)
+                if settings.distill_steps > 0:  # scales, codes, norm deltas fitted on the whole model
+                    done = distill(base_dir, target_dir, tokens, linears, exact, settings.distill_steps,
+                                   settings.lossless, stats=budget_stats)
+                    linears.update(done[0])
+                    exact.update(done[1])
+            else:
+                try:
+                    _compress_sequential(base, target, tokens, settings, linears, exact, take_delta,
+                                         warn_if_unrelated, checkpoints=checkpoints, spool=spool)
+                except BaseException:
+                    if spool is not None:
+                        spool.close()
+                    raise
     warn_if_unrelated()
     rel_norm = math.sqrt(norms[0] / max(norms[1], 1e-30))
     info = _manifest_info(base_dir, target_dir, target_cfg, settings, calib_path,
