@@ -1,8 +1,8 @@
 """Issue 15 follow-up: budget recovered from fixed costs (format version 5) at --target-ratio 16 (tiny).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_fixed_costs.py run TASK (--ratio R | --budget-bytes B)
-        --tag TAG [--log FILE.jsonl] [--distill-steps N] [--calib FILE.jsonl]
-        [--n-samples N]
+        --tag TAG [--log FILE.jsonl] [--distill-steps N] [--calib FILE.jsonl | --task-calib LINES
+        [--plus-family-calib]] [--n-samples N]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_fixed_costs.py write [--log FILE.jsonl]
         [--notes-file NOTES] [--title TITLE]
 
@@ -47,8 +47,23 @@ def where_bytes(path: Path) -> dict[str, int]:
     return out
 
 
+def task_calibration(family, task: str, lines: int, plus_family: bool) -> Path:
+    """A calibration jsonl of `lines` lines of the fine-tune's own task (no held-out prompt), after the
+    family's calib.jsonl when `plus_family`."""
+    from deltazip.family import TASKS, load_eval_set
+    from deltazip.family.create import calibration_lines
+
+    held_out = {e["prompt"] for t in TASKS for e in load_eval_set(family.eval_path(t))}
+    text = family.calib_path.read_text() if plus_family else ""
+    text += "".join(json.dumps(line) + "\n" for line in calibration_lines(0, lines, held_out, task))
+    path = Path(tempfile.mkdtemp(prefix="dz-calib-")) / f"{task}.jsonl"
+    path.write_text(text)
+    return path
+
+
 def run(task: str, ratio: float, budget: int, tag: str, log: Path, distill_steps: int | None = None,
-        calib: Path | None = None, n_samples: int | None = None) -> None:
+        calib: Path | None = None, n_samples: int | None = None, task_calib: int = 0,
+        plus_family: bool = False) -> None:
     from transformers.utils import logging as hf_logging
 
     from deltazip.compress import compress_model
@@ -60,6 +75,8 @@ def run(task: str, ratio: float, budget: int, tag: str, log: Path, distill_steps
     hf_logging.disable_progress_bar()
     family = create_family(FAMILY, preset="tiny", seed=0)
     out = Path(tempfile.mkdtemp(prefix="dz-fixed-")) / f"{task}.dz"
+    if task_calib:
+        calib = task_calibration(family, task, task_calib, plus_family)
     settings = dataclasses.replace(CompressConfig(), target_ratio=ratio, budget_bytes=budget)
     if distill_steps is not None:  # default: CompressConfig's
         settings = dataclasses.replace(settings, distill_steps=distill_steps)
@@ -110,12 +127,16 @@ def main() -> None:
     parser.add_argument("--notes-file", type=Path, help="text under the table")
     parser.add_argument("--distill-steps", type=int, help="distillation steps (default: CompressConfig)")
     parser.add_argument("--calib", type=Path, help="calibration jsonl (default: the family's calib.jsonl)")
+    parser.add_argument("--task-calib", type=int, default=0,
+                        help="calibrate on this many lines of the fine-tune's own task (4 examples a line)")
+    parser.add_argument("--plus-family-calib", action="store_true",
+                        help="with --task-calib: the family's calib.jsonl first, then the task's lines")
     parser.add_argument("--n-samples", type=int, help="calibration windows (default: CompressConfig)")
     parser.add_argument("--title", default=TITLE, help="the RESULTS.md section to write")
     args = parser.parse_args()
     if args.mode == "run":
         run(args.task, args.ratio, args.budget_bytes, args.tag, args.log, args.distill_steps, args.calib,
-            args.n_samples)
+            args.n_samples, args.task_calib, args.plus_family_calib)
     else:
         write(args.log, args.notes_file.read_text() if args.notes_file else "", args.title)
 

@@ -182,7 +182,7 @@ def _write_family(root: Path, spec, seed: int, family_hash: str) -> None:
     (root / "eval").mkdir()
     for task, examples in eval_sets.items():
         _write_jsonl(root / "eval" / f"{task}.jsonl", [{"prompt": p, "answer": a} for p, a in examples])
-    _write_jsonl(root / "calib.jsonl", _calibration_lines(seed, spec.calib_lines, held_out))
+    _write_jsonl(root / "calib.jsonl", calibration_lines(seed, spec.calib_lines, held_out))
 
     stats: dict = {"final_loss": {}, "relative_delta_norm": {}}
     with fixed_threads(spec.train_threads):
@@ -208,11 +208,13 @@ def _write_family(root: Path, spec, seed: int, family_hash: str) -> None:
     (root / FAMILY_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _calibration_lines(seed: int, n_lines: int, held_out: set[str]) -> list[dict]:
-    """Task-mixture text: each line joins a few full examples of the six tasks (never eval prompts)."""
-    rng = random.Random(task_seed(seed, "calib"))
+def calibration_lines(seed: int, n_lines: int, held_out: set[str], task: str | None = None) -> list[dict]:
+    """Task-mixture text: each line joins a few full examples of the six tasks (never eval prompts); with
+    `task`, examples of that task only (a fine-tune's own data)."""
+    rng = random.Random(task_seed(seed, "calib", *([task] if task else [])))
+    generators = {task: TASK_GENERATORS[task]} if task else TASK_GENERATORS
     lines = []
     for _ in range(n_lines):
-        examples = sample_examples(TASK_GENERATORS, rng, 4, held_out)
+        examples = sample_examples(generators, rng, 4, held_out)
         lines.append({"text": "\n".join(prompt + answer for prompt, answer in examples)})
     return lines
