@@ -142,33 +142,37 @@ RESIDUAL = ((2, "0.95"), (2, "0.9"), (2, "0.85"))
 
 def mixed(factors: dict[str, Factorised], budget: float, bits: int) -> tuple[dict, int]:
     """Per tensor the candidate (low-rank, sparse layout, or low-rank + sparse residual) chosen by the
-    shipped Lagrangian allocator (allocate.allocate) on relative Frobenius error; returns Δ̂ and bytes."""
+    shipped Lagrangian allocator (allocate.allocate) on the relative error under the tensor's Hessian
+    (identity with --hessian none; the embedding's rows by token frequency); returns Δ̂ and bytes."""
     from deltazip.compress import allocate as alloc
     from deltazip.compress.obs import solve_delta
 
     profile, approx = alloc.Profile(), {}
     for name, f in factors.items():
         delta = f.delta.float()
-        energy = float(delta.square().sum())
         options = {}
         for rank in RANKS:
             if rank <= min(delta.shape) // 2:
                 options[("lr", rank)] = f.approx(rank, bits)
+        h = None if f.plain else f.h.float()  # --hessian plain|gain: OBS sparse layouts, H-weighted errors
         for bits_s, sparsity in alloc.CANDIDATES:
             if sparsity == "2:4" and delta.shape[1] % 32:
                 continue
-            packed = solve_delta(delta, None, bits_s, sparsity, -1, 0.01, 128)
+            packed = solve_delta(delta, h, bits_s, sparsity, -1, 0.01, 128)
             options[("sparse", bits_s, sparsity)] = (packed.dequantize(), stored_bytes(packed))
         for rank in HYBRID_RANKS:
             if rank > min(delta.shape) // 2:
                 continue
             low, low_bytes = options[("lr", rank)]
             for bits_s, sparsity in RESIDUAL:
-                packed = solve_delta(delta - low, None, bits_s, sparsity, -1, 0.01, 128)
+                packed = solve_delta(delta - low, h, bits_s, sparsity, -1, 0.01, 128)
                 options[("hybrid", rank, sparsity)] = (low + packed.dequantize(),
                                                        low_bytes + stored_bytes(packed))
+        hd = f.h.float()
+        energy = float(((delta @ hd) * delta).sum())
         for key, (d_hat, nbytes) in options.items():
-            profile.add(name, key, nbytes, float((delta - d_hat).square().sum()) / energy)
+            err = delta - d_hat
+            profile.add(name, key, nbytes, float(((err @ hd) * err).sum()) / energy)
         approx[name] = options
     plan = alloc.allocate(profile, int(budget))
     chosen = {n: approx[n][plan[n]] for n in factors}
