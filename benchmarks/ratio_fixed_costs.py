@@ -98,16 +98,21 @@ def run(task: str, ratio: float, budget: int, tag: str, log: Path, distill_steps
     print(json.dumps(row), flush=True)
 
 
+def retention_cells(task: str, acc: float) -> list[str]:
+    """acc %, the fine-tune's acc % and the retention, as the RESULTS tables show them."""
+    ft = FINE_TUNE_ACC[task]
+    return [f"{100 * acc:.1f}", f"{100 * ft:.1f}", f"{100 * acc / ft:.1f}%"]
+
+
 def write(log: Path, notes: str, title: str = TITLE) -> None:
     from benchmarks._results import markdown_table, write_section
 
     rows = []
     for line in log.read_text().splitlines():
         r = json.loads(line)
-        ft = FINE_TUNE_ACC[r["task"]]
         rows.append([r["tag"], r["task"], r["version"], r["bytes"], f"{r['ratio']:.2f}x",
-                     f"{100 * r['acc']:.1f}", f"{100 * ft:.1f}", f"{100 * r['acc'] / ft:.1f}%", r["codes"],
-                     r["scales"], r["exact"], r["header"], r["manifest"], r["seconds"]])
+                     *retention_cells(r["task"], r["acc"]), r["codes"], r["scales"], r["exact"], r["header"],
+                     r["manifest"], r["seconds"]])
     table = markdown_table(["variant", "task", "format", "artifact bytes", "ratio vs fp16", "acc %",
                             "fine-tune acc %", "retention", "codes B", "scales B", "exact B", "header B",
                             "manifest B", "compress s"], rows)

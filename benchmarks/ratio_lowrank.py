@@ -28,7 +28,6 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 FAMILY = REPO / ".deltazip/test-cache/family-tiny-s0"
-FINE_TUNE_ACC = {"reverse": 0.965, "sort": 0.95, "upper": 1.0, "caesar": 1.0, "add": 0.925, "copy": 1.0}
 FIXED_BYTES = 3728 + 2010 + 3560  # header, manifest, norm deltas of the shipped 16x artifacts (RESULTS.md)
 TITLE = "Ratio: quantized low-rank deltas at 16x (tiny, exploration)"
 
@@ -299,14 +298,13 @@ def run(task: str, ratio: float, bits: int, how: str, hessian: str, tag: str, lo
 
 def write(log: Path, notes: str) -> None:
     from benchmarks._results import markdown_table, write_section
+    from benchmarks.ratio_fixed_costs import retention_cells
 
     rows = []
     for line in log.read_text().splitlines():
         r = json.loads(line)
-        ft = FINE_TUNE_ACC[r["task"]]
         rows.append([r["tag"], r["task"], r["bits"], r["alloc"], r["hessian"], r["bytes"],
-                     f"{r['ratio']:.2f}x",
-                     f"{100 * r['acc']:.1f}", f"{100 * ft:.1f}", f"{100 * r['acc'] / ft:.1f}%",
+                     f"{r['ratio']:.2f}x", *retention_cells(r["task"], r["acc"]),
                      f"{min(r['ranks'])}–{max(r['ranks'])}"])
     table = markdown_table(["variant", "task", "factor bits", "ranks by", "Hessian", "est. artifact bytes",
                             "ratio vs fp16", "acc %", "fine-tune acc %", "retention", "ranks"], rows)
