@@ -234,6 +234,15 @@ def distill_factors(base, ft_dir, tokens: torch.Tensor, factors: dict[str, tuple
     return out
 
 
+def calibration_kl(base, ft_dir, tokens: torch.Tensor, student) -> float:
+    """The gain-weighted KL(fine-tune ‖ student) on the calibration windows: the distillation stage's
+    full-set loss, which a budgeted artifact's manifest records as `distill_kl_after`."""
+    from deltazip.compress.distill import full_loss, teacher
+
+    weights = {n: p.detach() for n, p in student.named_parameters()}
+    return full_loss(base, weights, tokens, teacher(base, ft_dir, tokens))
+
+
 def run(task: str, ratio: float, bits: int, how: str, hessian: str, tag: str, log: Path,
         distill_steps: int = 0) -> None:
     from transformers.utils import logging as hf_logging
@@ -287,10 +296,11 @@ def run(task: str, ratio: float, bits: int, how: str, hessian: str, tag: str, lo
     with torch.no_grad():
         for name, (delta, _) in approx.items():
             ft_params[name].copy_(base_params[name] + delta)
+    kl = calibration_kl(base, family.finetune_dirs[task], tokens, ft)
     acc = exact_match(ft, tok, load_eval_set(family.eval_path(task)))
     total = linear_bytes + FIXED_BYTES
     row = {"task": task, "tag": tag, "bits": bits, "alloc": how, "hessian": hessian, "bytes": total,
-           "ratio": fp16_bytes / total, "acc": acc, "ranks": sorted(set(ranks.values()))}
+           "ratio": fp16_bytes / total, "acc": acc, "kl": kl, "ranks": sorted(set(ranks.values()))}
     with log.open("a") as out:
         out.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
