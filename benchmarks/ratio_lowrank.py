@@ -1,7 +1,8 @@
 """Issue 15 exploration: every 2-D delta as a quantized low-rank product A·B at a 16x byte budget (tiny).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_lowrank.py run TASK [--ratio R] [--bits B]
-        [--alloc uniform|relative|absolute] [--hessian none|plain|gain] [--tag TAG] [--log FILE.jsonl]
+        [--alloc uniform|relative|absolute|mixed] [--hessian none|plain|gain] [--distill-steps N]
+        [--hybrid F] [--tag TAG] [--log FILE.jsonl]
     .venv/bin/python benchmarks/ratio_lowrank.py write [--log FILE.jsonl] [--notes-file NOTES]
 
 Not a stored layout (the artifact format, the runtime and the kernels do not know it): base + A·B is
@@ -243,8 +244,31 @@ def calibration_kl(base, ft_dir, tokens: torch.Tensor, student) -> float:
     return full_loss(base, weights, tokens, teacher(base, ft_dir, tokens))
 
 
+def residual_on_top(family, task: str, low_rank_model, budget_bytes: float):
+    """Save base + A·B as a model, compress the fine-tune against it with the shipped budgeted pipeline
+    (`--budget-bytes`: what the low-rank part left), and return (base + A·B + residual, artifact bytes)."""
+    import dataclasses
+    import shutil
+
+    from deltazip.compress import compress_model
+    from deltazip.config import CompressConfig
+    from deltazip.format import decompress, load_delta, read_manifest
+    from deltazip.hf import add_delta, load_model
+
+    root = Path(tempfile.mkdtemp(prefix="dz-hybrid-"))
+    low_rank_model.save_pretrained(root / "base")
+    for f in family.base_dir.glob("*token*"):
+        shutil.copy(f, root / "base" / f.name)
+    settings = dataclasses.replace(CompressConfig(), budget_bytes=int(budget_bytes))
+    compress_model(root / "base", family.finetune_dirs[task], root / "res.dz", settings, name=task,
+                   calib=family.calib_path)
+    model, _ = load_model(root / "base")
+    add_delta(model, decompress(load_delta(root / "res.dz")))
+    return model, read_manifest(root / "res.dz")["stats"]["artifact_bytes"]
+
+
 def run(task: str, ratio: float, bits: int, how: str, hessian: str, tag: str, log: Path,
-        distill_steps: int = 0) -> None:
+        distill_steps: int = 0, hybrid: float = 0.0) -> None:
     from transformers.utils import logging as hf_logging
 
     from deltazip.compress.allocate import calibration_weights
@@ -269,6 +293,8 @@ def run(task: str, ratio: float, bits: int, how: str, hessian: str, tag: str, lo
                                        embed=module == "model.embed_tokens")
     fp16_bytes = 2 * sum(p.numel() for p in base_params.values())
     budget = fp16_bytes / ratio - FIXED_BYTES
+    if hybrid:
+        budget *= hybrid  # the low-rank part's share; the shipped pipeline compresses the residual
     if how == "mixed":
         approx, linear_bytes = mixed(factors, budget, bits)
         ranks = {n: 0 for n in factors}
@@ -296,11 +322,15 @@ def run(task: str, ratio: float, bits: int, how: str, hessian: str, tag: str, lo
     with torch.no_grad():
         for name, (delta, _) in approx.items():
             ft_params[name].copy_(base_params[name] + delta)
+    total = linear_bytes + FIXED_BYTES
+    if hybrid:
+        ft, total = residual_on_top(family, task, ft, fp16_bytes / ratio - linear_bytes)
+        total += linear_bytes
     kl = calibration_kl(base, family.finetune_dirs[task], tokens, ft)
     acc = exact_match(ft, tok, load_eval_set(family.eval_path(task)))
-    total = linear_bytes + FIXED_BYTES
     row = {"task": task, "tag": tag, "bits": bits, "alloc": how, "hessian": hessian, "bytes": total,
-           "ratio": fp16_bytes / total, "acc": acc, "kl": kl, "ranks": sorted(set(ranks.values()))}
+           "ratio": fp16_bytes / total, "acc": acc, "kl": kl, "ranks": sorted(set(ranks.values())),
+           "hybrid": hybrid}
     with log.open("a") as out:
         out.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
@@ -332,13 +362,16 @@ def main() -> None:
     parser.add_argument("--alloc", choices=("uniform", "relative", "absolute", "mixed"), default="relative")
     parser.add_argument("--hessian", choices=("none", "plain", "gain"), default="plain")
     parser.add_argument("--distill-steps", type=int, default=0, help="fit the factors end to end (KL)")
+    parser.add_argument("--hybrid", type=float, default=0.0,
+                        help="give the low-rank part this share of the budget and compress the residual with "
+                             "the shipped budgeted pipeline")
     parser.add_argument("--tag", default="")
     parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "ratio_lowrank.jsonl")
     parser.add_argument("--notes-file", type=Path)
     args = parser.parse_args()
     if args.mode == "run":
         run(args.task, args.ratio, args.bits, args.alloc, args.hessian, args.tag, args.log,
-            args.distill_steps)
+            args.distill_steps, args.hybrid)
     else:
         write(args.log, args.notes_file.read_text() if args.notes_file else "")
 
