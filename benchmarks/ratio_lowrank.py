@@ -6,14 +6,15 @@
     .venv/bin/python benchmarks/ratio_lowrank.py write [--log FILE.jsonl] [--notes-file NOTES]
 
 Not a stored layout (the artifact format, the runtime and the kernels do not know it): base + A·B is
-evaluated in memory, by greedy exact match on the task's 200 held-out examples, with its bytes estimated as
-the artifact would store them (B-bit codes packed two or four to a byte, zstd-19, one fp16 scale per rank
-component in each factor) plus the fixed costs a 16x artifact spends today (header, manifest, row scales
-of nothing, norm deltas: FIXED_BYTES). Factors: the SVD of Δ·L (H = L·Lᵀ the Hessian of the linear's inputs
-on the fine-tune's calibration stream; `none`: plain SVD), A = U·Σ^½ and B = Σ^½·Vᵀ·L⁻¹; B quantized per
-row, A refit by least squares against the quantized B under H, then quantized per column. Ranks by tensor:
-`uniform` (bytes in proportion to the tensor's size), `relative` (greedy over all tensors' components by
-σ² / ‖Δ·L‖² per byte), `absolute` (by σ² per byte).
+evaluated in memory, by greedy exact match on the task's 200 held-out examples. Its bytes are those of the
+two factors as dense B-bit PackedLinears in a budgeted artifact (per-row log scales, zstd-19) plus the fixed
+costs a 16x artifact pays today (safetensors header, manifest, norm deltas: FIXED_BYTES). Factors: the SVD
+of Δ·L (H = L·Lᵀ the Hessian of the linear's inputs on the fine-tune's calibration stream; `none`: plain
+SVD), B = Σ^½·Vᵀ·L⁻¹ solved onto the grid by the OBS solver under H, A refit by least squares against the
+quantized B and solved under B̂·H·B̂ᵀ. Ranks by tensor: `uniform` (bytes in proportion to the tensor's
+size), `relative` (greedy over all tensors' components by σ² / ‖Δ·L‖² per byte), `absolute` (σ² per byte),
+`mixed` (per tensor low-rank, sparse or both, by the shipped allocator). `--distill-steps` fits both factors
+end to end; `--hybrid F` gives the low-rank part F of the budget and the shipped pipeline the residual.
 """
 
 from __future__ import annotations
