@@ -286,3 +286,34 @@ def test_family_quality_within_bar(tiny_family, tiny_deltas, tmp_path):
         nll_delta = answer_nll(merged, tokenizer, few)
         assert nll_base - nll_delta >= 0.95 * (nll_base - nll_ft), (task, nll_base, nll_ft, nll_delta)
         shutil.rmtree(merged_dir)
+
+
+def test_narrow_models_compress_on_one_thread_unless_the_user_chose(synthetic, tmp_path, monkeypatch):
+    """threads.work_threads: the tiny synthetic model (hidden ≤ NARROW_WIDTH) runs its calibration work on one
+    thread; a user's OMP_NUM_THREADS keeps torch's count; the caller's count is restored afterwards."""
+    from deltazip import threads
+    from deltazip.compress import pipeline
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise DeltazipError("stop")  # the thread count is all this test needs
+
+    monkeypatch.setattr(pipeline, "_compress_sequential", record)
+    monkeypatch.setattr(threads, "_chosen_by_user", False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for env in (None, "2"):
+            if env is None:
+                monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+            else:
+                monkeypatch.setenv("OMP_NUM_THREADS", env)
+            with pytest.raises(DeltazipError, match="stop"):
+                compress_model(synthetic / "base", synthetic / "ft", tmp_path / "x.dz", FAST,
+                               calib=synthetic / "calib.jsonl")
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2]
