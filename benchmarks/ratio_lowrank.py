@@ -1,7 +1,7 @@
 """Issue 15 exploration: every 2-D delta as a quantized low-rank product A·B at a 16x byte budget (tiny).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_lowrank.py run TASK [--ratio R] [--bits B]
-        [--alloc uniform|relative|absolute|mixed] [--hessian none|plain|gain] [--distill-steps N]
+        [--alloc uniform|relative|absolute|measured|mixed] [--hessian none|plain|gain] [--distill-steps N]
         [--hybrid F] [--tag TAG] [--log FILE.jsonl]
     .venv/bin/python benchmarks/ratio_lowrank.py write [--log FILE.jsonl] [--notes-file NOTES]
 
@@ -13,8 +13,9 @@ of Δ·L (H = L·Lᵀ the Hessian of the linear's inputs on the fine-tune's cali
 SVD), B = Σ^½·Vᵀ·L⁻¹ solved onto the grid by the OBS solver under H, A refit by least squares against the
 quantized B and solved under B̂·H·B̂ᵀ. Ranks by tensor: `uniform` (bytes in proportion to the tensor's
 size), `relative` (greedy over all tensors' components by σ² / ‖Δ·L‖² per byte), `absolute` (σ² per byte),
-`mixed` (per tensor low-rank, sparse or both, by the shipped allocator). `--distill-steps` fits both factors
-end to end; `--hybrid F` gives the low-rank part F of the budget and the shipped pipeline the residual.
+`measured` (relative × the tensor's measured KL sensitivity, as the shipped allocator), `mixed` (per
+tensor low-rank, sparse or both, by the shipped allocator). `--distill-steps` fits both factors end to end;
+`--hybrid F` gives the low-rank part F of the budget and the shipped pipeline the residual.
 """
 
 from __future__ import annotations
@@ -113,8 +114,10 @@ class Factorised:
         return sum(self.delta.shape) * bits / 8 + 4
 
 
-def allocate(factors: dict[str, Factorised], budget: float, bits: int, how: str) -> dict[str, int]:
-    """Rank per tensor under the byte budget (estimated from the raw packed size of a component)."""
+def allocate(factors: dict[str, Factorised], budget: float, bits: int, how: str,
+             gains: dict[str, float] | None = None) -> dict[str, int]:
+    """Rank per tensor under the byte budget (estimated from the raw packed size of a component);
+    `measured`: relative energy scaled by each tensor's measured sensitivity (`gains`)."""
     total = sum(f.delta.numel() for f in factors.values())
     if how == "uniform":
         return {n: int(budget * f.delta.numel() / total / f.component_bytes(bits))
@@ -127,7 +130,8 @@ def allocate(factors: dict[str, Factorised], budget: float, bits: int, how: str)
             r = ranks[n]
             if r >= len(f.s) or spent + f.component_bytes(bits) > budget:
                 continue
-            gain = float(f.s[r] ** 2) / (f.energy if how == "relative" else 1.0) / f.component_bytes(bits)
+            scale = {"relative": 1 / f.energy, "measured": (gains or {}).get(n, 1.0) / f.energy}.get(how, 1.0)
+            gain = float(f.s[r] ** 2) * scale / f.component_bytes(bits)
             if gain > best_gain:
                 best, best_gain = n, gain
         if best is None:
@@ -245,6 +249,23 @@ def calibration_kl(base, ft_dir, tokens: torch.Tensor, student) -> float:
     return full_loss(base, weights, tokens, teacher(base, ft_dir, tokens))
 
 
+def measured_gains(family, task: str, tokens: torch.Tensor, factors: dict[str, Factorised],
+                   bits: int) -> dict[str, float]:
+    """Per tensor, as the shipped allocator calibrates its sensitivity: KL(fine-tune ‖ fine-tune with only
+    this tensor's delta replaced by a probe approximation) per unit of the probe's relative error; the probe
+    is the rank keeping a quarter of the tensor's components."""
+    from deltazip.compress.allocate import Sensitivity
+
+    sensitivity = Sensitivity(family.finetune_dirs[task], tokens, family.base_dir)
+    gains = {}
+    for name, f in factors.items():
+        approx, _ = f.approx(max(1, len(f.s) // 4), bits)
+        error = float((approx - f.delta.float()).square().sum() / f.delta.float().square().sum())
+        kl = sensitivity.kl(name, approx - f.delta.float())
+        gains[name] = max(kl, 1e-12) / max(error, 1e-12) if kl == kl else 1.0
+    return gains
+
+
 def residual_on_top(family, task: str, low_rank_model, budget_bytes: float):
     """Save base + A·B as a model, compress the fine-tune against it with the shipped budgeted pipeline
     (`--budget-bytes`: what the low-rank part left), and return (base + A·B + residual, artifact bytes)."""
@@ -296,6 +317,7 @@ def run(task: str, ratio: float, bits: int, how: str, hessian: str, tag: str, lo
     budget = fp16_bytes / ratio - FIXED_BYTES
     if hybrid:
         budget *= hybrid  # the low-rank part's share; the shipped pipeline compresses the residual
+    gains = measured_gains(family, task, tokens, factors, bits) if how == "measured" else None
     if how == "mixed":
         approx, linear_bytes = mixed(factors, budget, bits)
         ranks = {n: 0 for n in factors}
@@ -304,7 +326,7 @@ def run(task: str, ratio: float, bits: int, how: str, hessian: str, tag: str, lo
         best = None  # the allocation's byte estimate is coarse: rescale it until the real bytes fit
     scale = 1.0
     for round_ in range(0 if how == "mixed" else 12):
-        ranks = allocate(factors, budget * scale, bits, how)
+        ranks = allocate(factors, budget * scale, bits, how, gains)
         approx = {n: f.approx(ranks[n], bits) for n, f in factors.items()}
         linear_bytes = sum(nbytes for _, nbytes in approx.values())
         if linear_bytes <= budget and (best is None or linear_bytes > best[1]):
@@ -360,7 +382,8 @@ def main() -> None:
     parser.add_argument("task", nargs="?")
     parser.add_argument("--ratio", type=float, default=16.0)
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--alloc", choices=("uniform", "relative", "absolute", "mixed"), default="relative")
+    parser.add_argument("--alloc", choices=("uniform", "relative", "absolute", "measured", "mixed"),
+                        default="relative")
     parser.add_argument("--hessian", choices=("none", "plain", "gain"), default="plain")
     parser.add_argument("--distill-steps", type=int, default=0, help="fit the factors end to end (KL)")
     parser.add_argument("--hybrid", type=float, default=0.0,
