@@ -60,14 +60,6 @@ def hessians(model, tokens: torch.Tensor, weights: torch.Tensor | None) -> dict[
     return hs
 
 
-def stored_bytes(packed) -> int:
-    """Bytes of a PackedLinear's streams in a budgeted artifact (log scales, zstd)."""
-    from deltazip.format.codec import encode_tensors
-
-    _, entries = encode_tensors({"x": packed}, {}, "zstd", compact=True)
-    return sum(s[2] for s in entries["x"]["streams"])
-
-
 class Factorised:
     """The whitened SVD of one delta and its quantized rank-r approximation."""
 
@@ -95,6 +87,7 @@ class Factorised:
         """Δ̂ of rank `rank` with `bits`-bit factors (each a dense PackedLinear solved by the OBS solver under
         the Hessian of its own inputs: H for B, B̂·H·B̂ᵀ for A after A's least-squares refit), and its bytes
         as the artifact stores them (format version 5 streams)."""
+        from deltazip.compress.allocate import stored_bytes
         from deltazip.compress.obs import solve_delta
 
         if rank == 0:
@@ -148,7 +141,7 @@ RESIDUAL = ((2, "0.95"), (2, "0.9"), (2, "0.85"))
 def mixed(factors: dict[str, Factorised], budget: float, bits: int) -> tuple[dict, int]:
     """Per tensor the candidate (low-rank, sparse layout, or low-rank + sparse residual) chosen by the
     shipped Lagrangian allocator (allocate.allocate) on the relative error under the tensor's Hessian
-    (identity with --hessian none; the embedding's rows by token frequency); returns Δ̂ and bytes."""
+    (identity with --hessian none, and for the embedding); returns Δ̂ and bytes."""
     from deltazip.compress import allocate as alloc
     from deltazip.compress.obs import solve_delta
 
@@ -164,7 +157,7 @@ def mixed(factors: dict[str, Factorised], budget: float, bits: int) -> tuple[dic
             if sparsity == "2:4" and delta.shape[1] % 32:
                 continue
             packed = solve_delta(delta, h, bits_s, sparsity, -1, 0.01, 128)
-            options[("sparse", bits_s, sparsity)] = (packed.dequantize(), stored_bytes(packed))
+            options[("sparse", bits_s, sparsity)] = (packed.dequantize(), alloc.stored_bytes(packed))
         for rank in HYBRID_RANKS:
             if rank > min(delta.shape) // 2:
                 continue
@@ -172,7 +165,7 @@ def mixed(factors: dict[str, Factorised], budget: float, bits: int) -> tuple[dic
             for bits_s, sparsity in RESIDUAL:
                 packed = solve_delta(delta - low, h, bits_s, sparsity, -1, 0.01, 128)
                 options[("hybrid", rank, sparsity)] = (low + packed.dequantize(),
-                                                       low_bytes + stored_bytes(packed))
+                                                       low_bytes + alloc.stored_bytes(packed))
         hd = f.h.float()
         energy = float(((delta @ hd) * delta).sum())
         for key, (d_hat, nbytes) in options.items():
@@ -192,6 +185,7 @@ def distill_factors(base, ft_dir, tokens: torch.Tensor, factors: dict[str, tuple
     """Fit both factors' codes (latent values, straight-through rounding) and row scales (log-multipliers) of
     every tensor to the gain-weighted KL(fine-tune ‖ base + A·B) on the calibration windows, as
     compress/distill.py does for the shipped layouts; returns name → (Δ̂, stored bytes)."""
+    from deltazip.compress.allocate import stored_bytes
     from deltazip.compress.distill import kl_loss, teacher
     from deltazip.compress.obs import _pack
     from deltazip.compress.tune import unit_steps, with_scales
