@@ -25,7 +25,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # every op pays a thread wake-up (benchmarks/RESULTS.md, "Threads: one thread for narrow models")
 NARROW_WIDTH = 256
 _configured: int | None = None
-_chosen_by_user = False
+_chosen_by_user = False  # [runtime] threads set (OMP_NUM_THREADS is read when asked: _env_threads)
 
 
 def early_env() -> None:
@@ -143,7 +143,7 @@ def configure_threads(n: int | None = None) -> int:
     global _configured, _chosen_by_user
     early_env()
     threads = resolve_threads(n or 0)
-    _chosen_by_user = bool(n) or _env_threads() > 0
+    _chosen_by_user = bool(n)
     import torch
 
     torch.set_num_threads(threads)
