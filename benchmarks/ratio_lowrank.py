@@ -1,8 +1,8 @@
 """Issue 15 exploration: every 2-D delta as a quantized low-rank product A·B at a 16x byte budget (tiny).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ratio_lowrank.py run TASK [--ratio R] [--bits B]
-        [--alloc uniform|relative|absolute|measured|mixed] [--hessian none|plain|gain] [--distill-steps N]
-        [--hybrid F] [--tag TAG] [--log FILE.jsonl]
+        [--alloc uniform|relative|absolute|measured|mixed|precision] [--hessian none|plain|gain]
+        [--distill-steps N] [--hybrid F] [--tag TAG] [--log FILE.jsonl]
     .venv/bin/python benchmarks/ratio_lowrank.py write [--log FILE.jsonl] [--notes-file NOTES]
 
 Not a stored layout (the artifact format, the runtime and the kernels do not know it): base + A·B is
@@ -14,13 +14,16 @@ SVD), B = Σ^½·Vᵀ·L⁻¹ solved onto the grid by the OBS solver under H, A 
 quantized B and solved under B̂·H·B̂ᵀ. Ranks by tensor: `uniform` (bytes in proportion to the tensor's
 size), `relative` (greedy over all tensors' components by σ² / ‖Δ·L‖² per byte), `absolute` (σ² per byte),
 `measured` (relative × the tensor's measured KL sensitivity, as the shipped allocator), `mixed` (per
-tensor low-rank, sparse or both, by the shipped allocator). `--distill-steps` fits both factors end to end;
-`--hybrid F` gives the low-rank part F of the budget and the shipped pipeline the residual.
+tensor low-rank, sparse or both, by the shipped allocator), `precision` (Delta-CoMe's mixed precision: bits
+per singular component, up to --bits). `--distill-steps` fits both factors end to end;
+`--hybrid F` gives the low-rank part F of the budget and the shipped pipeline the residual. Over 400 lines:
+one script holds every variant its RESULTS section lists, so each row reproduces from one file.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -103,6 +106,36 @@ class Factorised:
         self.packed[rank] = (aq, bq)
         return aq.dequantize() @ bq.dequantize(), stored_bytes(aq) + stored_bytes(bq)
 
+    def approx_levels(self, levels: list[int]) -> tuple[torch.Tensor, int]:
+        """Δ̂ with component i's factors at levels[i] bits (non-increasing, 0 = dropped; Delta-CoMe's mixed
+        precision over singular vectors): one A_g·B_g pair per run of equal bits, A refit jointly."""
+        from deltazip.compress.allocate import stored_bytes
+        from deltazip.compress.obs import solve_delta
+
+        rank = sum(1 for b in levels if b)
+        if rank == 0:
+            return torch.zeros_like(self.delta).float(), 0
+        runs, start = [], 0
+        for i in range(1, rank + 1):
+            if i == rank or levels[i] != levels[start]:
+                runs.append((start, i, levels[start]))
+                start = i
+        root = self.s[:rank].sqrt()
+        b = (root[:, None] * self.vt[:rank]) @ torch.linalg.inv(self.right)
+        h = None if self.plain else self.h.float()
+        bd = torch.cat([solve_delta(b[i:j].float(), h, bits, "none", -1, 0.01, 128).dequantize().double()
+                        for i, j, bits in runs])
+        gram = bd @ self.h @ bd.T + 1e-9 * torch.eye(rank, dtype=torch.float64)
+        a = torch.linalg.solve(gram, bd @ self.h @ self.delta.T).T
+        out, nbytes = torch.zeros_like(self.delta), 0
+        for i, j, bits in runs:
+            bq = solve_delta(b[i:j].float(), h, bits, "none", -1, 0.01, 128)
+            aq = solve_delta(a[:, i:j].float().contiguous(), None if self.plain else gram[i:j, i:j].float(),
+                             bits, "none", -1, 0.01, 128)
+            out += aq.dequantize().double() @ bd[i:j]
+            nbytes += stored_bytes(aq) + stored_bytes(bq)
+        return out.float(), nbytes
+
     def component_bytes(self, bits: int) -> float:
         return sum(self.delta.shape) * bits / 8 + 4
 
@@ -131,6 +164,32 @@ def allocate(factors: dict[str, Factorised], budget: float, bits: int, how: str,
             return ranks
         ranks[best] += 1
         spent += factors[best].component_bytes(bits)
+
+
+PRODUCT_ERROR = {0: 1.0, 2: 0.30, 3: 0.078, 4: 0.023, 8: 0.0001}  # 2x one factor's RTN error (gaussian)
+
+
+def allocate_levels(factors: dict[str, Factorised], budget: float, top: int) -> dict[str, list[int]]:
+    """Bits per singular component across all tensors (levels 0, 2, 3, 4[, 8]): upgrades sorted by relative
+    energy gained per byte (convex chains, so the sorted order keeps each component's upgrades in order)."""
+    chain = [b for b in (0, 2, 3, 4, 8) if b <= top]
+    items = []
+    for name, f in factors.items():
+        rel = (f.s ** 2 / f.energy).tolist()
+        per_bit = sum(f.delta.shape) / 8
+        for i, e in enumerate(rel):
+            for lo, hi in itertools.pairwise(chain):
+                cost = per_bit * (hi - lo) + (4 if lo == 0 else 0)
+                items.append((e * (PRODUCT_ERROR[lo] - PRODUCT_ERROR[hi]) / cost, cost, name, i, hi))
+    items.sort(key=lambda t: -t[0])
+    levels = {n: [0] * len(f.s) for n, f in factors.items()}
+    spent = 0.0
+    for _, cost, name, i, hi in items:
+        if spent + cost > budget:
+            break
+        levels[name][i] = hi
+        spent += cost
+    return levels
 
 
 RANKS = (2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -312,14 +371,28 @@ def run(task: str, ratio: float, bits: int, how: str, hessian: str, tag: str, lo
     if hybrid:
         budget *= hybrid  # the low-rank part's share; the shipped pipeline compresses the residual
     gains = measured_gains(family, task, tokens, factors, bits) if how == "measured" else None
-    if how == "mixed":
+    if how == "precision":
+        best, scale = None, 1.0
+        for round_ in range(8):
+            levels = allocate_levels(factors, budget * scale, bits)
+            approx = {n: f.approx_levels(levels[n]) for n, f in factors.items()}
+            linear_bytes = sum(nbytes for _, nbytes in approx.values())
+            if linear_bytes <= budget and (best is None or linear_bytes > best[1]):
+                ranks = {n: sum(1 for b in lv if b) for n, lv in levels.items()}
+                best = (ranks, linear_bytes, approx)
+                print("levels:", {b: sum(lv.count(b) for lv in levels.values()) for b in (2, 3, 4, 8)},
+                      flush=True)
+            if best is not None and round_ >= 3:
+                break
+            scale *= budget / max(linear_bytes, 1) * (0.99 if linear_bytes > budget else 1.0)
+    elif how == "mixed":
         approx, linear_bytes = mixed(factors, budget, bits)
         ranks = {n: 0 for n in factors}
         best = (ranks, linear_bytes, approx)
     else:
         best = None  # the allocation's byte estimate is coarse: rescale it until the real bytes fit
     scale = 1.0
-    for round_ in range(0 if how == "mixed" else 12):
+    for round_ in range(0 if how in ("mixed", "precision") else 12):
         ranks = allocate(factors, budget * scale, bits, how, gains)
         approx = {n: f.approx(ranks[n], bits) for n, f in factors.items()}
         linear_bytes = sum(nbytes for _, nbytes in approx.values())
@@ -329,7 +402,7 @@ def run(task: str, ratio: float, bits: int, how: str, hessian: str, tag: str, lo
             break
         scale *= budget / max(linear_bytes, 1) * (0.99 if linear_bytes > budget else 1.0)
     ranks, linear_bytes, approx = best
-    if distill_steps and how != "mixed":
+    if distill_steps and how not in ("mixed", "precision"):
         chosen = {n: f.packed[ranks[n]] for n, f in factors.items() if ranks[n] > 0}
         tuned = distill_factors(base, family.finetune_dirs[task], tokens,
                                 {n.removesuffix(".weight") + ".weight": v for n, v in chosen.items()},
@@ -376,8 +449,8 @@ def main() -> None:
     parser.add_argument("task", nargs="?")
     parser.add_argument("--ratio", type=float, default=16.0)
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--alloc", choices=("uniform", "relative", "absolute", "measured", "mixed"),
-                        default="relative")
+    parser.add_argument("--alloc", default="relative",
+                        choices=("uniform", "relative", "absolute", "measured", "mixed", "precision"))
     parser.add_argument("--hessian", choices=("none", "plain", "gain"), default="plain")
     parser.add_argument("--distill-steps", type=int, default=0, help="fit the factors end to end (KL)")
     parser.add_argument("--hybrid", type=float, default=0.0,
