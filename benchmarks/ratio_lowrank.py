@@ -87,28 +87,15 @@ class Factorised:
         self.energy = float((s ** 2).sum())
 
     def approx(self, rank: int, bits: int) -> tuple[torch.Tensor, int]:
-        """Δ̂ of rank `rank` with `bits`-bit factors (each a dense PackedLinear solved by the OBS solver under
-        the Hessian of its own inputs: H for B, B̂·H·B̂ᵀ for A after A's least-squares refit), and its bytes
-        as the artifact stores them (format version 5 streams)."""
-        from deltazip.compress.allocate import stored_bytes
-        from deltazip.compress.obs import solve_delta
-
-        if rank == 0:
-            return torch.zeros_like(self.delta).float(), 0
-        root = self.s[:rank].sqrt()
-        b = (root[:, None] * self.vt[:rank]) @ torch.linalg.inv(self.right)
-        h = None if self.plain else self.h.float()
-        bq = solve_delta(b.float(), h, bits, "none", -1, 0.01, 128)
-        bd = bq.dequantize().double()
-        gram = bd @ self.h @ bd.T + 1e-9 * torch.eye(rank, dtype=torch.float64)
-        a = torch.linalg.solve(gram, bd @ self.h @ self.delta.T).T  # A refit against the quantized B
-        aq = solve_delta(a.float(), None if self.plain else gram.float(), bits, "none", -1, 0.01, 128)
-        self.packed[rank] = (aq, bq)
-        return aq.dequantize() @ bq.dequantize(), stored_bytes(aq) + stored_bytes(bq)
+        """Δ̂ of rank `rank` with `bits`-bit factors, and its bytes (approx_levels at one precision)."""
+        return self.approx_levels([bits] * rank)
 
     def approx_levels(self, levels: list[int]) -> tuple[torch.Tensor, int]:
         """Δ̂ with component i's factors at levels[i] bits (non-increasing, 0 = dropped; Delta-CoMe's mixed
-        precision over singular vectors): one A_g·B_g pair per run of equal bits, A refit jointly."""
+        precision over singular vectors) and its bytes as the artifact stores them (format version 5
+        streams). One A_g·B_g pair per run of equal bits, each a dense PackedLinear solved by the OBS solver
+        under the Hessian of its own inputs: H for B, B̂·H·B̂ᵀ for A after A's joint least-squares refit
+        against the quantized B. At one precision the pair is kept in `packed[rank]` (for distillation)."""
         from deltazip.compress.allocate import stored_bytes
         from deltazip.compress.obs import solve_delta
 
@@ -123,18 +110,19 @@ class Factorised:
         root = self.s[:rank].sqrt()
         b = (root[:, None] * self.vt[:rank]) @ torch.linalg.inv(self.right)
         h = None if self.plain else self.h.float()
-        bd = torch.cat([solve_delta(b[i:j].float(), h, bits, "none", -1, 0.01, 128).dequantize().double()
-                        for i, j, bits in runs])
+        b_parts = [solve_delta(b[i:j].float(), h, bits, "none", -1, 0.01, 128) for i, j, bits in runs]
+        bd = torch.cat([bq.dequantize().double() for bq in b_parts])
         gram = bd @ self.h @ bd.T + 1e-9 * torch.eye(rank, dtype=torch.float64)
         a = torch.linalg.solve(gram, bd @ self.h @ self.delta.T).T
-        out, nbytes = torch.zeros_like(self.delta), 0
-        for i, j, bits in runs:
-            bq = solve_delta(b[i:j].float(), h, bits, "none", -1, 0.01, 128)
+        out, nbytes = torch.zeros_like(self.delta, dtype=torch.float32), 0
+        for (i, j, bits), bq in zip(runs, b_parts, strict=True):
             aq = solve_delta(a[:, i:j].float().contiguous(), None if self.plain else gram[i:j, i:j].float(),
                              bits, "none", -1, 0.01, 128)
-            out += aq.dequantize().double() @ bd[i:j]
+            out += aq.dequantize() @ bq.dequantize()
             nbytes += stored_bytes(aq) + stored_bytes(bq)
-        return out.float(), nbytes
+        if len(runs) == 1:
+            self.packed[rank] = (aq, bq)
+        return out, nbytes
 
     def component_bytes(self, bits: int) -> float:
         return sum(self.delta.shape) * bits / 8 + 4
@@ -190,6 +178,22 @@ def allocate_levels(factors: dict[str, Factorised], budget: float, top: int) -> 
         levels[name][i] = hi
         spent += cost
     return levels
+
+
+def fit_budget(factors: dict[str, Factorised], plan, budget: float) -> tuple[dict[str, list[int]], int, dict]:
+    """(levels, bytes, name → (Δ̂, bytes)) of the largest plan(b) whose stored bytes fit the budget: the
+    plan's byte estimate is coarse, so b is rescaled until the real bytes fit."""
+    best, scale = None, 1.0
+    for round_ in range(12):
+        levels = plan(budget * scale)
+        approx = {n: f.approx_levels(levels[n]) for n, f in factors.items()}
+        linear_bytes = sum(nbytes for _, nbytes in approx.values())
+        if linear_bytes <= budget and (best is None or linear_bytes > best[1]):
+            best = (levels, linear_bytes, approx)
+        if best is not None and round_ >= 3:
+            break
+        scale *= budget / max(linear_bytes, 1) * (0.99 if linear_bytes > budget else 1.0)
+    return best
 
 
 RANKS = (2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -371,37 +375,18 @@ def run(task: str, ratio: float, bits: int, how: str, hessian: str, tag: str, lo
     if hybrid:
         budget *= hybrid  # the low-rank part's share; the shipped pipeline compresses the residual
     gains = measured_gains(family, task, tokens, factors, bits) if how == "measured" else None
-    if how == "precision":
-        best, scale = None, 1.0
-        for round_ in range(8):
-            levels = allocate_levels(factors, budget * scale, bits)
-            approx = {n: f.approx_levels(levels[n]) for n, f in factors.items()}
-            linear_bytes = sum(nbytes for _, nbytes in approx.values())
-            if linear_bytes <= budget and (best is None or linear_bytes > best[1]):
-                ranks = {n: sum(1 for b in lv if b) for n, lv in levels.items()}
-                best = (ranks, linear_bytes, approx)
-                print("levels:", {b: sum(lv.count(b) for lv in levels.values()) for b in (2, 3, 4, 8)},
-                      flush=True)
-            if best is not None and round_ >= 3:
-                break
-            scale *= budget / max(linear_bytes, 1) * (0.99 if linear_bytes > budget else 1.0)
-    elif how == "mixed":
+    if how == "mixed":
         approx, linear_bytes = mixed(factors, budget, bits)
-        ranks = {n: 0 for n in factors}
-        best = (ranks, linear_bytes, approx)
+        levels = {n: [] for n in factors}
     else:
-        best = None  # the allocation's byte estimate is coarse: rescale it until the real bytes fit
-    scale = 1.0
-    for round_ in range(0 if how in ("mixed", "precision") else 12):
-        ranks = allocate(factors, budget * scale, bits, how, gains)
-        approx = {n: f.approx(ranks[n], bits) for n, f in factors.items()}
-        linear_bytes = sum(nbytes for _, nbytes in approx.values())
-        if linear_bytes <= budget and (best is None or linear_bytes > best[1]):
-            best = (ranks, linear_bytes, approx)
-        if best is not None and round_ >= 3:
-            break
-        scale *= budget / max(linear_bytes, 1) * (0.99 if linear_bytes > budget else 1.0)
-    ranks, linear_bytes, approx = best
+        def plan(nbytes: float) -> dict[str, list[int]]:
+            if how == "precision":
+                return allocate_levels(factors, nbytes, bits)
+            return {n: [bits] * r for n, r in allocate(factors, nbytes, bits, how, gains).items()}
+        levels, linear_bytes, approx = fit_budget(factors, plan, budget)
+    if how == "precision":
+        print("levels:", {b: sum(lv.count(b) for lv in levels.values()) for b in (2, 3, 4, 8)}, flush=True)
+    ranks = {n: sum(1 for b in lv if b) for n, lv in levels.items()}
     if distill_steps and how not in ("mixed", "precision"):
         chosen = {n: f.packed[ranks[n]] for n, f in factors.items() if ranks[n] > 0}
         tuned = distill_factors(base, family.finetune_dirs[task], tokens,
